@@ -1,0 +1,362 @@
+"""Shapes: a procedural, captioned toy dataset that every chapter of the course trains on.
+
+A scene is one or two coloured shapes placed in the cells of a 3x3 grid on a black background,
+with a caption that states every attribute ("a big red circle at the top left", "a small blue
+cross above a big green square"). Everything is computed from a seed, so the dataset is offline,
+deterministic and as large as you like. Images are drawn with signed distance functions (SDFs):
+the coverage of a pixel is ~ clamp(0.5 - sdf, 0, 1), which anti-aliases edges without rendering at
+a higher resolution first, and is vectorised over the whole batch (tens of thousands of images/s).
+
+Labels travel with every image: `objects[n, k] = (shape, color, size, position)` for object k of
+scene n (rows of -1 where a scene has only one object). See datasets/README.md for the datasheet.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple")
+COLOR_RGB = torch.tensor([  # chosen to stay distinct in RGB and in grayscale luminance
+    [0.90, 0.12, 0.12],   # red
+    [1.00, 0.55, 0.05],   # orange
+    [0.95, 0.92, 0.15],   # yellow
+    [0.15, 0.75, 0.20],   # green
+    [0.20, 0.35, 1.00],   # blue
+    [0.65, 0.20, 0.85],   # purple
+])
+SIZES = ("small", "big")
+SIZE_RADIUS = (0.27, 0.40)      # object radius as a fraction of a grid cell
+JITTER = 0.06                   # max centre offset, fraction of a cell (objects never leave their cell)
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")  # cell index = 3 * row + col
+RELATIONS = ("above", "below", "left of", "right of")  # "A <relation> B"
+INVERSE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+GRID = 3
+MAX_OBJECTS = 2
+
+# (shape, color, size) triples never shown in the "train" split: compositional zero-shot tests.
+# Every shape, every color and every shape x color pair still appears in training.
+HELD_OUT = (("circle", "blue", "big"), ("square", "red", "small"), ("triangle", "green", "big"),
+            ("diamond", "yellow", "small"), ("cross", "purple", "big"))
+SPLITS = ("train", "test", "holdout", "all")
+
+ONE_OBJECT_TEMPLATES = (
+    "a {obj} at the {pos}",
+    "there is a {obj} at the {pos}",
+    "at the {pos} there is a {obj}",
+    "a picture of a {obj} in the {pos}",
+    "in the {pos} a {obj}",
+)
+TWO_OBJECT_TEMPLATES = (
+    "a {a} {rel} a {b}",
+    "there is a {a} {rel} a {b}",
+    "a picture of a {a} {rel} a {b}",
+    "a {a} placed {rel} a {b}",
+)
+
+
+def triple_id(shape, color, size):
+    """Index of a (shape, color, size) triple in 0..59; works on ints or tensors."""
+    return (shape * len(COLORS) + color) * len(SIZES) + size
+
+
+HELD_OUT_IDS = tuple(triple_id(SHAPES.index(s), COLORS.index(c), SIZES.index(z)) for s, c, z in HELD_OUT)
+
+
+# ----------------------------------------------------------------------------- scenes (labels)
+
+@dataclass
+class Scenes:
+    """A batch of scene descriptions: what render() draws and what captions state."""
+    objects: torch.Tensor      # (N, 2, 4) long: shape, color, size, position; -1 rows when absent
+    offsets: torch.Tensor      # (N, 2, 2) float: (dx, dy) jitter of each centre, fraction of a cell
+    captions: list
+
+    def __len__(self):
+        return len(self.captions)
+
+    @property
+    def num_objects(self):
+        return (self.objects[:, :, 0] >= 0).sum(1)
+
+
+def _split_triples(split):
+    held = torch.tensor(HELD_OUT_IDS)
+    every = torch.arange(len(SHAPES) * len(COLORS) * len(SIZES))
+    seen = every[~torch.isin(every, held)]
+    return {"train": (seen, seen), "test": (seen, seen), "holdout": (held, seen), "all": (every, every)}[split]
+
+
+def _chunk_generator(seed, split, chunk):
+    # one independent stream per (seed, split, chunk): item i never depends on the dataset length
+    return torch.Generator().manual_seed(((seed * 1_000_003 + SPLITS.index(split)) * 1_000_033 + chunk) % 2**63)
+
+
+def sample_scenes(n, split="train", seed=0, num_objects=None, p_two=0.5, start=0, chunk_size=1024):
+    """Scenes start..start+n-1 of a split. num_objects: 1, 2 or None (mixed, two with prob p_two)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if num_objects not in (None, 1, 2):
+        raise ValueError(f"num_objects must be 1, 2 or None (mixed), got {num_objects!r}; "
+                         f"a scene holds at most {MAX_OBJECTS} objects in a {GRID}x{GRID} grid")
+    if not 0.0 <= p_two <= 1.0:
+        raise ValueError(f"p_two must be a probability in [0, 1], got {p_two}")
+    if n < 0 or start < 0:
+        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+    parts, first, last = [], start // chunk_size, (start + n - 1) // chunk_size
+    for chunk in range(first, last + 1) if n else []:
+        whole = _sample_chunk(chunk_size, _chunk_generator(seed, split, chunk), split, num_objects, p_two)
+        lo = max(start - chunk * chunk_size, 0)
+        hi = min(start + n - chunk * chunk_size, chunk_size)
+        parts.append(Scenes(whole.objects[lo:hi], whole.offsets[lo:hi], whole.captions[lo:hi]))
+    if not parts:
+        return Scenes(torch.empty(0, MAX_OBJECTS, 4, dtype=torch.long), torch.empty(0, MAX_OBJECTS, 2), [])
+    return Scenes(torch.cat([p.objects for p in parts]), torch.cat([p.offsets for p in parts]),
+                  sum((p.captions for p in parts), []))
+
+
+def _sample_chunk(n, g, split, num_objects, p_two):
+    first_pool, other_pool = _split_triples(split)
+    two = torch.rand(n, generator=g) < p_two
+    if num_objects is not None:
+        two = torch.full((n,), num_objects == 2)
+    triples = torch.stack([first_pool[torch.randint(len(first_pool), (n,), generator=g)],
+                           other_pool[torch.randint(len(other_pool), (n,), generator=g)]], 1)
+    cell0 = torch.randint(GRID * GRID, (n,), generator=g)
+    cell1 = (cell0 + 1 + torch.randint(GRID * GRID - 1, (n,), generator=g)) % (GRID * GRID)  # a different cell
+    offsets = (torch.rand(n, MAX_OBJECTS, 2, generator=g) * 2 - 1) * JITTER
+    size = triples % len(SIZES)
+    color = (triples // len(SIZES)) % len(COLORS)
+    shape = triples // (len(SIZES) * len(COLORS))
+    objects = torch.stack([shape, color, size, torch.stack([cell0, cell1], 1)], -1)
+    objects[~two, 1] = -1
+    offsets[~two, 1] = 0.0
+    template = torch.randint(1 << 30, (n, 3), generator=g).tolist()  # template, relation, order choices
+    captions = [_caption(objects[i].tolist(), template[i]) for i in range(n)]
+    return Scenes(objects, offsets, captions)
+
+
+def describe(shape, color, size):
+    return f"{SIZES[size]} {COLORS[color]} {SHAPES[shape]}"
+
+
+def relations_between(cell_a, cell_b):
+    """Every relation that holds for 'object in cell_a <relation> object in cell_b'."""
+    (ra, ca), (rb, cb) = divmod(cell_a, GRID), divmod(cell_b, GRID)
+    return [rel for rel, holds in zip(RELATIONS, (ra < rb, ra > rb, ca < cb, ca > cb)) if holds]
+
+
+def _caption(objs, choice):
+    (s0, c0, z0, p0), (s1, c1, z1, p1) = objs
+    if s1 < 0:
+        template = ONE_OBJECT_TEMPLATES[choice[0] % len(ONE_OBJECT_TEMPLATES)]
+        return template.format(obj=describe(s0, c0, z0), pos=POSITIONS[p0])
+    a, b = describe(s0, c0, z0), describe(s1, c1, z1)
+    options = relations_between(p0, p1)
+    rel = options[choice[1] % len(options)]
+    if choice[2] % 2:  # say it the other way round half of the time: "B below A" for "A above B"
+        a, b, rel = b, a, INVERSE_RELATION[rel]
+    return TWO_OBJECT_TEMPLATES[choice[0] % len(TWO_OBJECT_TEMPLATES)].format(a=a, rel=rel, b=b)
+
+
+# ----------------------------------------------------------------------------- captions -> labels
+
+@dataclass
+class ObjectSpec:
+    """What a caption says about one object; None where it says nothing."""
+    shape: int
+    color: int | None = None
+    size: int | None = None
+    position: int | None = None
+
+
+@dataclass
+class Prompt:
+    objects: list            # one or two ObjectSpec, in caption order
+    relation: str | None     # "first <relation> second", or None
+
+
+FILLER_WORDS = {"a", "an", "the", "there", "is", "at", "in", "of", "picture", "photo", "image",
+                "and", "placed", "with", "on", "to", "one"}
+_POSITION_WORDS = {"top", "bottom", "left", "right", "center", "centre", "middle"}
+
+
+def parse_caption(text):
+    """Read a caption back into a Prompt. Unknown words are an error (a typo must not pass silently)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty caption {text!r}: a caption must name at least one shape")
+    words = re.sub(r"[,.;:!]", " ", text.lower()).split()
+    objects, pending, relation, position, where = [], {}, None, [], None
+    i = 0
+    while i < len(words):
+        w = words[i]
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if w in ("left", "right") and nxt == "of" or w in ("above", "below"):
+            if relation is not None:
+                raise ValueError(f"caption {text!r} states more than one relation")
+            relation = f"{w} of" if w in ("left", "right") else w
+            i += 2 if w in ("left", "right") else 1
+            continue
+        if w in _POSITION_WORDS:
+            position.append({"centre": "center", "middle": "center"}.get(w, w))
+            where = len(objects)  # attaches to the previous object, or to the next if none yet
+        elif w in SIZES:
+            pending["size"] = SIZES.index(w)
+        elif w in COLORS:
+            pending["color"] = COLORS.index(w)
+        elif w.rstrip("s") in SHAPES or w in SHAPES:
+            objects.append(ObjectSpec(SHAPES.index(w if w in SHAPES else w.rstrip("s")), **pending))
+            pending = {}
+        elif w not in FILLER_WORDS:
+            raise ValueError(f"unknown word {w!r} in caption {text!r}; shapes: {', '.join(SHAPES)}; "
+                             f"colors: {', '.join(COLORS)}; sizes: {', '.join(SIZES)}")
+        i += 1
+    if pending:
+        raise ValueError(f"caption {text!r} has {' '.join(map(str, pending))} words not followed by a shape")
+    if not objects:
+        raise ValueError(f"caption {text!r} names no shape; shapes are: {', '.join(SHAPES)}")
+    if len(objects) > MAX_OBJECTS:
+        raise ValueError(f"caption {text!r} names {len(objects)} objects; scenes hold at most {MAX_OBJECTS}")
+    if relation and len(objects) != 2:
+        raise ValueError(f"caption {text!r} states a relation but names {len(objects)} object(s)")
+    if position:
+        phrase = " ".join(p for p in position if p != "center") or "center"
+        if phrase not in POSITIONS:
+            raise ValueError(f"caption {text!r}: unknown position {phrase!r}; positions: {', '.join(POSITIONS)}")
+        objects[max(where - 1, 0)].position = POSITIONS.index(phrase)
+    return Prompt(objects, relation)
+
+
+def prompt_from_labels(objects):
+    """The full Prompt that a scene's label row (2, 4) satisfies (positions included, no relation)."""
+    return Prompt([ObjectSpec(*map(int, row)) for row in objects.tolist() if row[0] >= 0], None)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _box_sdf(dx, dy, hx, hy):
+    qx, qy = dx.abs() - hx, dy.abs() - hy
+    outside = torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2)
+    return outside + torch.maximum(qx, qy).clamp(max=0)
+
+
+def _shape_sdf(shape, dx, dy, r):
+    """Signed distance (pixels, < 0 inside) to a shape of radius r centred at the origin; y points down."""
+    if shape == 0:  # circle
+        return torch.sqrt(dx ** 2 + dy ** 2) - r
+    if shape == 1:  # square
+        return _box_sdf(dx, dy, 0.85 * r, 0.85 * r)
+    if shape == 2:  # triangle pointing up: the largest distance to its three edge lines
+        h = 1.05 * r
+        base = dy - 0.75 * h                                   # below the base
+        left = (-dx * 0.866 - dy * 0.5) - 0.5 * h * 0.866      # two slanted edges, unit normals
+        right = (dx * 0.866 - dy * 0.5) - 0.5 * h * 0.866
+        return torch.maximum(base, torch.maximum(left, right))
+    if shape == 3:  # diamond
+        return (dx.abs() + dy.abs() - 1.15 * r) / math.sqrt(2)
+    if shape == 4:  # cross: union of two bars
+        return torch.minimum(_box_sdf(dx, dy, r, 0.33 * r), _box_sdf(dx, dy, 0.33 * r, r))
+    raise ValueError(f"unknown shape id {shape}")
+
+
+def object_alpha(objects, offsets, resolution):
+    """Coverage in [0, 1] of every object: (N, K, R, R). Absent objects (shape -1) cover nothing."""
+    n, k = objects.shape[:2]
+    cell = resolution / GRID
+    row, col = objects[..., 3].div(GRID, rounding_mode="floor"), objects[..., 3] % GRID
+    cx = (col + 0.5 + offsets[..., 0]) * cell           # centres in pixels
+    cy = (row + 0.5 + offsets[..., 1]) * cell
+    radius = torch.tensor(SIZE_RADIUS)[objects[..., 2].clamp(min=0)] * cell
+    grid = torch.arange(resolution, dtype=torch.float32) + 0.5   # pixel centres
+    alpha = torch.zeros(n, k, resolution, resolution)
+    for shape in range(len(SHAPES)):
+        mask = objects[..., 0] == shape
+        if not mask.any():
+            continue
+        dx = grid.view(1, 1, -1) - cx[mask].view(-1, 1, 1)
+        dy = grid.view(1, -1, 1) - cy[mask].view(-1, 1, 1)
+        sdf = _shape_sdf(shape, dx, dy, radius[mask].view(-1, 1, 1))
+        alpha[mask] = (0.5 - sdf).clamp(0, 1)          # box-filtered coverage of a 1-pixel footprint
+    return alpha
+
+
+def composite(alpha, rgb, grayscale=False):
+    """Paint objects (alpha (N,K,R,R), colours (N,K,3) in [0,1]) over black; returns [-1, 1] images."""
+    image = torch.zeros(alpha.shape[0], 3, *alpha.shape[2:])
+    for k in range(alpha.shape[1]):
+        a = alpha[:, k, None]
+        image = image * (1 - a) + rgb[:, k, :, None, None] * a
+    if grayscale:
+        image = (image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return image * 2 - 1
+
+
+def render(scenes, resolution=32, grayscale=False):
+    """Draw Scenes as float images in [-1, 1]: (N, 3, R, R), or (N, 1, R, R) when grayscale."""
+    if not isinstance(resolution, int) or resolution < 16:
+        raise ValueError(f"resolution must be an int >= 16 (32 is the default, 64 for the upsampler); got {resolution!r}")
+    objects = scenes.objects if isinstance(scenes, Scenes) else scenes
+    offsets = scenes.offsets if isinstance(scenes, Scenes) else torch.zeros(*objects.shape[:2], 2)
+    chunk = max(1, 2**21 // resolution**2)  # keep each step's tensors cache-sized: ~2x faster than one batch
+    return torch.cat([composite(object_alpha(objects[i:i + chunk], offsets[i:i + chunk], resolution),
+                                COLOR_RGB[objects[i:i + chunk, :, 1].clamp(min=0)], grayscale)
+                      for i in range(0, len(objects), chunk)] or [torch.empty(0, 1 if grayscale else 3, resolution, resolution)])
+
+
+# ----------------------------------------------------------------------------- torch Dataset
+
+def to_uint8(images):
+    """[-1, 1] float images -> uint8 (4x smaller in memory, exact round trip of rendered pixels)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ShapesDataset(Dataset):
+    """`size` Shapes scenes held in memory as uint8. Items are dicts: image in [-1, 1], objects, caption.
+
+    Item i is the same for every dataset size (each chunk of scenes has its own seed stream).
+    `get_batch(indices)` returns a whole batch at once (the training loop uses it; no workers needed).
+    """
+
+    def __init__(self, size=10_000, split="train", seed=0, resolution=32, grayscale=False,
+                 num_objects=None, p_two=0.5):
+        if size <= 0:
+            raise ValueError(f"size must be a positive number of images, got {size}")
+        self.split, self.resolution, self.grayscale = split, resolution, grayscale
+        self.scenes = sample_scenes(size, split, seed, num_objects, p_two)
+        objects, offsets, step = self.scenes.objects, self.scenes.offsets, 4096
+        self.images = torch.cat([to_uint8(render(Scenes(objects[i:i + step], offsets[i:i + step], []),
+                                                 resolution, grayscale)) for i in range(0, size, step)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def get_batch(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return {"image": self.images[indices].float() / 127.5 - 1,
+                "objects": self.scenes.objects[indices],
+                "caption": [self.scenes.captions[i] for i in indices.tolist()]}
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for a ShapesDataset of {len(self)} images")
+        i = i % len(self)
+        return {"image": self.images[i].float() / 127.5 - 1, "objects": self.scenes.objects[i],
+                "caption": self.scenes.captions[i]}
+
+
+def shapes_loader(batch_size=64, shuffle=True, seed=0, **dataset_kwargs):
+    """A plain torch DataLoader over ShapesDataset (captions are collated into a list of strings)."""
+    dataset = ShapesDataset(seed=seed, **dataset_kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def downsample(images, resolution):
+    """Area-downsample images (e.g. 64 -> 32), the way an upsampler's low-resolution input is made."""
+    return F.interpolate(images, size=(resolution, resolution), mode="area")
