@@ -1,0 +1,125 @@
+"""
+Presets: how much compute a run may spend. The single place that defines them.
+
+    smoke   seconds per notebook on a 2-core CPU; proves the plumbing; what CI runs
+    cpu     a laptop without a GPU; each training run <= ~10 minutes on 2 cores
+    full    one GPU, minutes; best quality; the recipe for shipped checkpoints
+
+TrainConfig holds the knobs of the one training loop (train.py). TRAINING is the table of
+per-recipe budgets, one row per recipe and one column per preset; chapters add rows here so
+all budgets can be compared side by side.
+"""
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+PRESETS = ("smoke", "cpu", "full")
+PRESET_ENV = "MINIDALLE2_PRESET"
+
+
+def check_preset(name) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return name
+
+
+def default_preset() -> str:
+    """The preset named by $MINIDALLE2_PRESET, else 'cpu'."""
+    name = os.environ.get(PRESET_ENV, "cpu")
+    try:
+        return check_preset(name)
+    except ValueError as e:
+        raise ValueError(f"${PRESET_ENV}: {e}") from None
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"       # "constant" or "cosine" (to zero), after the warm-up
+    grad_clip: float | None = None      # max global grad norm; None = no clipping
+    ema_decay: float | None = None      # e.g. 0.999; None = no EMA copy
+    bf16: bool = False                  # bfloat16 autocast (CPU and CUDA): ~2x faster on CPU
+    betas: tuple = (0.9, 0.999)
+    seed: int = 0
+    device: str = "auto"                # "auto" = cuda, else mps, else cpu
+    log_every: int = 10
+    checkpoint_every: int | None = None  # steps; a checkpoint is also written at the end
+
+    def __post_init__(self):
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"TrainConfig: {what}")
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        need(is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(is_num(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps,
+             f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}")
+        need(self.lr_schedule in ("constant", "cosine"),
+             f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        need(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+        need(self.ema_decay is None or (is_num(self.ema_decay) and 0 < self.ema_decay < 1),
+             f"ema_decay must be None or in (0, 1), got {self.ema_decay!r}")
+        need(isinstance(self.bf16, bool), f"bf16 must be True or False, got {self.bf16!r}")
+        self.betas = tuple(self.betas)  # JSON gives lists back; keep one canonical form
+        need(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        need(is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        need(isinstance(self.device, str), f"device must be a string, got {self.device!r}")
+        need(is_int(self.log_every) and self.log_every >= 1,
+             f"log_every must be an int >= 1, got {self.log_every!r}")
+        need(self.checkpoint_every is None or (is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
+             f"checkpoint_every must be None or an int >= 1, got {self.checkpoint_every!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# recipe -> preset -> TrainConfig kwargs. Rows are budgets: say in a comment what they buy.
+TRAINING = {
+    # the evaluation oracle (the lead tunes this row)
+    "oracle": {
+        "smoke": dict(steps=30, batch_size=64, lr=2e-3, warmup_steps=5, lr_schedule="cosine"),
+        "cpu": dict(steps=3000, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                    ema_decay=None, bf16=True),
+        "full": dict(steps=6000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                     bf16=True),
+    },
+    # a tiny row for the tests of train.py and zoo.py
+    "toy": {
+        "smoke": dict(steps=20, batch_size=16, lr=1e-2, log_every=5),
+        "cpu": dict(steps=50, batch_size=16, lr=1e-2, log_every=5),
+        "full": dict(steps=100, batch_size=32, lr=1e-2, log_every=10),
+    },
+}
+
+
+def train_config(recipe: str, preset: str | None = None, **overrides) -> TrainConfig:
+    """The TrainConfig of `recipe` at `preset` (default: default_preset()), with overrides."""
+    preset = check_preset(preset) if preset is not None else default_preset()
+    if recipe not in TRAINING:
+        raise ValueError(f"no training budget for recipe {recipe!r} in presets.TRAINING; "
+                         f"known: {', '.join(sorted(TRAINING))}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {unknown}; valid: {', '.join(sorted(fields))}")
+    return TrainConfig(**{**TRAINING[recipe][preset], **overrides})
