@@ -48,6 +48,10 @@ class Recipe:
     description: str = ""
     training: str | None = None   # row of presets.TRAINING; default: the recipe's name
     version: int = 1              # bump when a code change (data, loss) should invalidate caches
+    report: Callable[[nn.Module], dict] | None = None   # measured quality, recorded when exported
+    # generators: (model, prompts or None, n, seed) -> images (n, 3, R, R) in [-1, 1]
+    sample: Callable | None = None
+    conditional: bool = False     # does `sample` take prompts?
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -148,3 +152,20 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
                                             "step": result.step, "seconds": result.seconds})
     shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
     return _frozen(trained)
+
+
+def export(name: str, preset=None, path=None, *, cache=None, retrain=False, progress=True) -> dict:
+    """Train-or-load a recipe, then write a standalone copy (e.g. the shipped oracle) with its recipe,
+    training time and measured quality (`recipe.report`) in the JSON beside the weights."""
+    recipe = get_recipe(name)
+    preset = check_preset(preset) if preset is not None else default_preset()
+    model = load_or_train(name, preset, cache=cache, retrain=retrain, progress=progress)
+    _, trained_meta = load_checkpoint(cache_dir(cache) / name / preset / "model", expected_kind=recipe.kind)
+    row = recipe.training or recipe.name
+    meta = {"recipe": name, "preset": preset, "command": f"python -m minidalle2 train {name} --preset {preset}",
+            "train_config": train_config(row, preset).to_dict() if row in TRAINING else None,
+            "train_seconds": trained_meta.get("seconds"), "fingerprint": trained_meta.get("fingerprint"),
+            "report": recipe.report(model) if recipe.report else None}
+    if path is not None:
+        save_model(model, path, recipe.kind, meta)
+    return meta

@@ -1,0 +1,98 @@
+"""The command line: python -m minidalle2 {train, sample, evaluate, scoreboard, course} --help"""
+import argparse
+import json
+import sys
+
+
+def _train(args):
+    from . import zoo
+    if args.export:
+        meta = zoo.export(args.name, args.preset, args.export, retrain=args.retrain)
+        print(json.dumps(meta, indent=2))
+    else:
+        zoo.load_or_train(args.name, args.preset, retrain=args.retrain)
+    return 0
+
+
+def _sample(args):
+    from .scoreboard import generate
+    from .viz import image_grid
+    import torchvision
+    images, _ = generate(args.name, args.preset, args.n, args.prompt * args.n if args.prompt else None, args.seed)
+    torchvision.utils.save_image((image_grid(images, nrow=8) + 1) / 2, args.out)
+    print(f"wrote {len(images)} samples to {args.out}")
+    return 0
+
+
+def _evaluate(args):
+    from .scoreboard import benchmark, format_table
+    row = benchmark(args.name, args.preset, args.n, args.split, args.seed, args.scoreboard)
+    print(format_table([row]))
+    if args.json:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(args.json, row)
+    return 0
+
+
+def _scoreboard(args):
+    from .scoreboard import format_table, load_rows
+    print(format_table(load_rows(args.path)))
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["course"]:  # the course runner owns its own options
+        from .course import main as course_main
+        return course_main(argv[1:])
+    from .presets import PRESETS
+    parser = argparse.ArgumentParser(prog="python -m minidalle2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_preset(p):
+        p.add_argument("--preset", choices=PRESETS, default=None, help="default: $MINIDALLE2_PRESET or cpu")
+        return p
+
+    p = with_preset(sub.add_parser("train", help="train a recipe (or load it from the cache)"))
+    p.add_argument("name")
+    p.add_argument("--retrain", action="store_true", help="train even if a cached model is valid")
+    p.add_argument("--export", metavar="PATH", help="also write the model + its measured report to PATH")
+    p.set_defaults(run=_train)
+
+    p = with_preset(sub.add_parser("sample", help="draw samples from a generator into a PNG grid"))
+    p.add_argument("name", help="a generator recipe, or 'real' for exact renders of the prompts")
+    p.add_argument("--prompt", action="append", help="caption (repeat for several)")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(run=_sample)
+
+    p = with_preset(sub.add_parser("evaluate", help="benchmark a generator with the oracle; adds a scoreboard row"))
+    p.add_argument("name", help="a generator recipe, or 'real' for the ceiling row")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--split", default="test", help="whose captions are the prompts: test or holdout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scoreboard", metavar="PATH", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")
+    p.add_argument("--json", metavar="PATH", help="also write the row as a JSON report")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("scoreboard", help="print the scoreboard table")
+    p.add_argument("--path", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")
+    p.set_defaults(run=_scoreboard)
+
+    sub.add_parser("course", help="run every notebook in order (see: course --help)")
+    args = parser.parse_args(argv)
+    from .presets import default_preset
+    if getattr(args, "preset", "x") is None:
+        args.preset = default_preset()
+    from .train import DivergenceError
+    from .zoo import ZooError
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, ZooError, DivergenceError) as e:  # one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The scoreboard: score any generator's samples with the oracle, and keep one table for the course.
+
+    report = score(images, prompts)                  # oracle readings -> numbers
+    add_row("ddpm", "cpu", report, train_seconds=..., sample_seconds=...)
+    print(format_table(load_rows()))                 # or: python -m minidalle2 scoreboard
+
+Numbers (all from the oracle, never from the model being scored):
+- validity: share of images the oracle reads as a well-formed scene (1-2 objects, no junk, sure);
+- caption_accuracy: share of images that are valid AND satisfy every attribute their prompt states;
+- attr_<name>: per attribute (shape, color, size, position, relation, count), share of prompts
+  stating it whose image gets it right;
+- fid / kid: in oracle feature space against real renders of the same prompts (or of the test
+  split), beside fid_floor / kid_floor: the same numbers for two sets of real images of equal size;
+- coverage: share of the 30 shape x colour pairs seen among valid objects; coverage_entropy;
+- diversity: mean pairwise feature distance between images of the same prompt (or all images).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from . import data, metrics
+from .checkpoint import atomic_write_bytes
+from .oracle import load_oracle, matches, read
+
+SCOREBOARD_ENV = "MINIDALLE2_SCOREBOARD"
+ATTRIBUTES = ("shape", "color", "size", "position")
+COLUMNS = ("model", "preset", "n", "caption_accuracy", "validity", "fid", "fid_floor", "coverage",
+           "diversity", "train_seconds", "sample_seconds")
+
+
+def _attribute_hits(prompt, objects, hits, totals):
+    """Credit each stated attribute if some assignment of detected objects to the prompt's gets it."""
+    rows = [r for r in objects.tolist() if r[0] >= 0]
+    totals["count"] += 1
+    hits["count"] += len(rows) == len(prompt.objects)
+    orders = [rows, rows[::-1]] if len(rows) == 2 else [rows]
+    best = None
+    for order in orders:
+        got = {a: 0 for a in ATTRIBUTES}
+        for spec, row in zip(prompt.objects, order):
+            for i, a in enumerate(ATTRIBUTES):
+                want = (spec.shape, spec.color, spec.size, spec.position)[i]
+                got[a] += want is not None and want == row[i]
+        if prompt.relation is not None:
+            got["relation"] = len(order) == 2 and prompt.relation in data.relations_between(order[0][3], order[1][3])
+        if best is None or sum(got.values()) > sum(best.values()):
+            best = got
+    for i, a in enumerate(ATTRIBUTES):
+        stated = sum((s.shape, s.color, s.size, s.position)[i] is not None for s in prompt.objects)
+        totals[a] += stated
+        hits[a] += min(best[a], stated)
+    if prompt.relation is not None:
+        totals["relation"] += 1
+        hits["relation"] += bool(best.get("relation"))
+
+
+def reference_images(n, prompts=None, seed=1, resolution=32):
+    """Real renders to compare against: of the same prompts if given, else of the test split."""
+    scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
+    return data.render(scenes, resolution)
+
+
+@torch.no_grad()
+def score(images, prompts=None, oracle=None, reference=None, seed=0):
+    """Oracle numbers for a batch of generated images (N, 3, R, R) in [-1, 1], with optional prompts."""
+    oracle = oracle or load_oracle()
+    if prompts is not None and len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    parsed = [data.parse_caption(p) if isinstance(p, str) else p for p in prompts] if prompts is not None else None
+    reading = read(oracle, images)
+    report = {"n": len(images), "validity": reading.valid.float().mean().item()}
+
+    if parsed is not None:
+        ok = [bool(v) and matches(p, o) for p, o, v in zip(parsed, reading.objects, reading.valid)]
+        report["caption_accuracy"] = sum(ok) / len(ok)
+        hits = {a: 0 for a in (*ATTRIBUTES, "relation", "count")}
+        totals = dict(hits)
+        for p, o in zip(parsed, reading.objects):
+            _attribute_hits(p, o, hits, totals)
+        report.update({f"attr_{a}": hits[a] / totals[a] for a in hits if totals[a]})
+
+    # coverage of the 30 shape x colour pairs among objects in valid images
+    objects = reading.objects[reading.valid].reshape(-1, 4)
+    objects = objects[objects[:, 0] >= 0]
+    pairs = objects[:, 0] * len(data.COLORS) + objects[:, 1]
+    num_pairs = len(data.SHAPES) * len(data.COLORS)
+    report["coverage"], counts = metrics.coverage(pairs, num_pairs) if len(pairs) else (0.0, torch.zeros(num_pairs))
+    report["coverage_entropy"] = metrics.normalized_entropy(counts) if len(pairs) else 0.0
+
+    if len(images) >= 2:
+        groups = None
+        if prompts is not None:
+            ids = {p: i for i, p in enumerate(dict.fromkeys(map(str, prompts)))}
+            groups = torch.tensor([ids[str(p)] for p in prompts])
+            if torch.bincount(groups).max() < 2:
+                groups = None  # every prompt once: diversity over the whole batch
+        report["diversity"] = metrics.mean_pairwise_distance(reading.features, groups)
+
+        # FID/KID against real images of the same distribution, and the floor at the same n
+        n = len(images)
+        ref = reference if reference is not None else reference_images(n, parsed, seed + 1, images.shape[-1])
+        ref2 = reference_images(n, parsed, seed + 2, images.shape[-1]) if reference is None else None
+        real = read(oracle, ref).features
+        report["fid"] = metrics.frechet_distance(reading.features, real)
+        report["kid"] = metrics.kernel_distance(reading.features, real, subsets=20, subset_size=min(n, 500))[0]
+        if ref2 is not None:
+            real2 = read(oracle, ref2).features
+            report["fid_floor"] = metrics.frechet_distance(real2, real)
+            report["kid_floor"] = metrics.kernel_distance(real2, real, subsets=20, subset_size=min(n, 500))[0]
+    return report
+
+
+# ----------------------------------------------------------------------------- the table
+
+def default_path() -> Path:
+    from .zoo import cache_dir
+    return Path(os.environ.get(SCOREBOARD_ENV) or cache_dir() / "scoreboard.jsonl")
+
+
+def add_row(model, preset, report, *, train_seconds=None, sample_seconds=None, path=None, **extra):
+    """Append one row to the scoreboard (JSON lines; the file is rewritten atomically)."""
+    path = Path(path) if path else default_path()
+    row = {"model": model, "preset": preset, **report, "train_seconds": train_seconds,
+           "sample_seconds": sample_seconds, "date": datetime.date.today().isoformat(),
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+                      f"{', cuda' if torch.cuda.is_available() else ', cpu'}", **extra}
+    old = path.read_bytes() if path.exists() else b""
+    atomic_write_bytes(path, old + (json.dumps(row) + "\n").encode())
+    return row
+
+
+def load_rows(path=None) -> list[dict]:
+    path = Path(path) if path else default_path()
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def format_table(rows, columns=COLUMNS) -> str:
+    """A markdown table: one row per scored run; '-' where a number does not apply."""
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- benchmark command
+
+def generate(name, preset, n, prompts=None, seed=0):
+    """n samples of a registered generator; the name "real" renders the prompts exactly (the ceiling)."""
+    if name == "real":
+        scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
+        return data.render(scenes), 0.0
+    from . import zoo
+    recipe = zoo.get_recipe(name)
+    if recipe.sample is None:
+        raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
+    model = zoo.load_or_train(name, preset)
+    meta_seconds = None
+    try:
+        from .checkpoint import load_checkpoint
+        meta_seconds = load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
+    except Exception:  # the train time is a nicety in the table, never a reason to fail
+        pass
+    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), meta_seconds
+
+
+def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
+    """The benchmark command: sample n images (prompts = captions of `split`), score, add a row."""
+    import time
+    prompts = data.sample_scenes(n, split, seed=seed + 100).captions
+    start = time.perf_counter()
+    images, train_seconds = generate(name, preset, n, prompts, seed)
+    sample_seconds = time.perf_counter() - start
+    conditional = name == "real" or getattr(_recipe_or_none(name), "conditional", False)
+    report = score(images, prompts if conditional else None, seed=seed)
+    return add_row(name, preset, report, train_seconds=train_seconds, sample_seconds=sample_seconds,
+                   path=path, split=split)
+
+
+def _recipe_or_none(name):
+    from . import zoo
+    return None if name == "real" else zoo.get_recipe(name)
