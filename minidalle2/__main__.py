@@ -18,7 +18,8 @@ def _sample(args):
     from .scoreboard import generate
     from .viz import image_grid
     import torchvision
-    images, _ = generate(args.name, args.preset, args.n, args.prompt * args.n if args.prompt else None, args.seed)
+    prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)] if args.prompt else None
+    images, _ = generate(args.name, args.preset, args.n, prompts, args.seed)
     torchvision.utils.save_image((image_grid(images, nrow=8) + 1) / 2, args.out)
     print(f"wrote {len(images)} samples to {args.out}")
     return 0

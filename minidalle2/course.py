@@ -30,12 +30,13 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import nbformat
+
+from .checkpoint import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the minidalle2 package
 NOTEBOOK_RE = re.compile(r"^\d\d_\w+\.ipynb$")
@@ -291,18 +292,7 @@ def _fmt_seconds(s):
 # helpers and the command line
 
 def _atomic_write(path, text):
-    """Write text to path via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def add_arguments(parser):

@@ -175,11 +175,21 @@ class ObjectSpec:
     size: int | None = None
     position: int | None = None
 
+    def __str__(self):
+        words = [SIZES[self.size] if self.size is not None else None,
+                 COLORS[self.color] if self.color is not None else None, SHAPES[self.shape]]
+        where = f" at the {POSITIONS[self.position]}" if self.position is not None else ""
+        return " ".join(w for w in words if w) + where
+
 
 @dataclass
 class Prompt:
     objects: list            # one or two ObjectSpec, in caption order
     relation: str | None     # "first <relation> second", or None
+
+    def __str__(self):
+        first = f"a {self.objects[0]}"
+        return first if len(self.objects) == 1 else f"{first} {self.relation or 'and'} a {self.objects[1]}"
 
 
 FILLER_WORDS = {"a", "an", "the", "there", "is", "at", "in", "of", "picture", "photo", "image",
@@ -290,8 +300,9 @@ def _shape_sdf(shape, dx, dy, r):
     raise ValueError(f"unknown shape id {shape}")
 
 
-def object_alpha(objects, offsets, resolution):
-    """Coverage in [0, 1] of every object: (N, K, R, R). Absent objects (shape -1) cover nothing."""
+def object_alpha(objects, offsets, resolution, squash=None):
+    """Coverage in [0, 1] of every object: (N, K, R, R). Absent objects (shape -1) cover nothing.
+    squash (N, K, 2), optional: per-axis scale <= 1 of each object (the oracle's malformed shapes)."""
     n, k = objects.shape[:2]
     cell = resolution / GRID
     row, col = objects[..., 3].div(GRID, rounding_mode="floor"), objects[..., 3] % GRID
@@ -306,7 +317,11 @@ def object_alpha(objects, offsets, resolution):
             continue
         dx = grid.view(1, 1, -1) - cx[mask].view(-1, 1, 1)
         dy = grid.view(1, -1, 1) - cy[mask].view(-1, 1, 1)
-        sdf = _shape_sdf(shape, dx, dy, radius[mask].view(-1, 1, 1))
+        if squash is None:
+            sdf = _shape_sdf(shape, dx, dy, radius[mask].view(-1, 1, 1))
+        else:  # sdf of the shape in squashed coordinates, rescaled to stay ~ a distance in pixels
+            sx, sy = squash[mask][:, 0].view(-1, 1, 1), squash[mask][:, 1].view(-1, 1, 1)
+            sdf = _shape_sdf(shape, dx / sx, dy / sy, radius[mask].view(-1, 1, 1)) * torch.minimum(sx, sy)
         alpha[mask] = (0.5 - sdf).clamp(0, 1)          # box-filtered coverage of a 1-pixel footprint
     return alpha
 

@@ -2,7 +2,7 @@
 
 "It looks right" is not a result. The oracle looks at each cell of the 3x3 grid and says whether
 it is empty, holds a well-formed object, or holds junk (a blurred blob, an off-palette colour, a
-chimera of two shapes: what a half-trained generator draws), and reads the object's shape, colour
+squashed shape: what a half-trained generator draws), and reads the object's shape, colour
 and size. From that reading come the course's numbers: validity, caption accuracy, per-attribute
 accuracy, coverage, diversity and FID/KID in the oracle's feature space (see `evaluate`).
 
@@ -46,6 +46,8 @@ class Oracle(nn.Module):
         block = INPUT_SIZE // 2 ** (len(widths) - 1) // GRID
         self.cell = nn.Sequential(nn.Linear(c_in * block * block, cell_features), nn.GELU())
         self.head = nn.Linear(cell_features, sum(HEADS.values()))
+        # set after training so real images' features have unit RMS: FID/KID numbers of a readable size
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def cell_features(self, images):
         x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True,
@@ -62,7 +64,7 @@ class Oracle(nn.Module):
 
     def features(self, images):
         """The feature vector FID/KID are computed on: every cell's features, concatenated."""
-        return self.cell_features(images).flatten(1)
+        return self.cell_features(images).flatten(1) * self.feature_scale
 
 
 def split_logits(logits):
@@ -109,8 +111,12 @@ def render_training_batch(objects, offsets, resolution, junk_prob=0.1, noise_std
     n, k = objects.shape[:2]
     present = objects[..., 0] >= 0
     junk = present & (torch.rand(n, k) < junk_prob)
-    kind = torch.randint(3, (n, k))                   # 0 blur, 1 off-palette colour, 2 chimera
-    alpha = data.object_alpha(objects, offsets, resolution)
+    kind = torch.randint(3, (n, k))                   # 0 blur, 1 off-palette colour, 2 squashed shape
+    squash = torch.ones(n, k, 2)
+    squashed = junk & (kind == 2)                     # one axis at 45-60%: no Shapes object looks like that
+    axis = torch.randint(2, (n, k))
+    squash[squashed, axis[squashed]] = 0.45 + 0.15 * torch.rand(int(squashed.sum()))
+    alpha = data.object_alpha(objects, offsets, resolution, squash)
     rgb = data.COLOR_RGB[objects[..., 1].clamp(min=0)].clone()
     blur = junk & (kind == 0)
     if blur.any():
@@ -118,12 +124,6 @@ def render_training_batch(objects, offsets, resolution, junk_prob=0.1, noise_std
         alpha[blur] = _gaussian_blur(alpha[blur], sigma)
     off = junk & (kind == 1)
     rgb[off] = _off_palette_colors(int(off.sum()))
-    chimera = junk & (kind == 2)
-    if chimera.any():
-        other = objects.clone()
-        other[..., 0] = (other[..., 0] + 1 + torch.randint(len(SHAPES) - 1, (n, k))) % len(SHAPES)
-        other[~chimera] = -1
-        alpha[chimera] = torch.maximum(alpha[chimera], data.object_alpha(other, offsets, resolution)[chimera])
     images = data.composite(alpha, rgb)
     images = images + noise_std * torch.rand(n, 1, 1, 1) * torch.randn_like(images)
     return images.clamp(-1, 1), cell_targets(objects, junk)
@@ -206,7 +206,20 @@ def read(oracle, images, batch_size=500):
         for k, c in enumerate(cells.tolist()):
             objects[n, k] = torch.tensor([probs["shape"][n, c].argmax(), probs["color"][n, c].argmax(),
                                           probs["size"][n, c].argmax(), c])
-    return Reading(probs, objects, count, valid, cell.flatten(1))
+    return Reading(probs, objects, count, valid, cell.flatten(1) * oracle.feature_scale.cpu())
+
+
+def describe(reading, i):
+    """One image's reading in words, e.g. 'valid: small red circle at the top'."""
+    p = {name: probs[i].argmax(-1) for name, probs in reading.probs.items()}
+    parts = []
+    for c in range(CELLS):
+        if p["occupancy"][c] == 1:
+            parts.append(f"{SIZES[p['size'][c]]} {COLORS[p['color'][c]]} {SHAPES[p['shape'][c]]} "
+                         f"at the {data.POSITIONS[c]}")
+        elif p["occupancy"][c] == 2:
+            parts.append(f"junk at the {data.POSITIONS[c]}")
+    return f"{'valid' if reading.valid[i] else 'invalid'}: {'; '.join(parts) or 'nothing'}"
 
 
 def _object_matches(spec, row):
@@ -277,12 +290,17 @@ def _fit(model, preset, run_dir):
     from .train import train
     config = train_config("oracle", preset)
     labels = SceneLabels(min(config.steps * config.batch_size, 100_000), seed=1)
-    return train(model, oracle_loss, labels, config, run_dir=run_dir, kind="oracle")
+    result = train(model, oracle_loss, labels, config, run_dir=run_dir, kind="oracle")
+    with torch.no_grad():
+        real = data.render(data.sample_scenes(2000, "all", seed=2))
+        features = result.model.cell_features(real.to(next(result.model.parameters()).device)).flatten(1)
+        result.model.feature_scale.fill_(features.float().pow(2).mean().rsqrt().item())
+    return result
 
 
 def _register():
     from . import zoo
-    zoo.register(zoo.Recipe("oracle", "oracle", _build, _fit, report=oracle_accuracy,
+    zoo.register(zoo.Recipe("oracle", "oracle", _build, _fit, report=oracle_accuracy, version=2,
                             description="reads shape, colour, size and cell of every object; flags junk"))
 
 

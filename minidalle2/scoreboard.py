@@ -12,7 +12,8 @@ Numbers (all from the oracle, never from the model being scored):
 - fid / kid: in oracle feature space against real renders of the same prompts (or of the test
   split), beside fid_floor / kid_floor: the same numbers for two sets of real images of equal size;
 - coverage: share of the 30 shape x colour pairs seen among valid objects; coverage_entropy;
-- diversity: mean pairwise feature distance between images of the same prompt (or all images).
+- diversity: mean pairwise feature distance over all images; diversity_per_prompt: the same between
+  images of one prompt, when prompts repeat.
 """
 from __future__ import annotations
 
@@ -94,13 +95,12 @@ def score(images, prompts=None, oracle=None, reference=None, seed=0):
     report["coverage_entropy"] = metrics.normalized_entropy(counts) if len(pairs) else 0.0
 
     if len(images) >= 2:
-        groups = None
-        if prompts is not None:
+        report["diversity"] = metrics.mean_pairwise_distance(reading.features)
+        if prompts is not None:  # how different are the images drawn for the same prompt?
             ids = {p: i for i, p in enumerate(dict.fromkeys(map(str, prompts)))}
             groups = torch.tensor([ids[str(p)] for p in prompts])
-            if torch.bincount(groups).max() < 2:
-                groups = None  # every prompt once: diversity over the whole batch
-        report["diversity"] = metrics.mean_pairwise_distance(reading.features, groups)
+            if torch.bincount(groups).max() >= 2:
+                report["diversity_per_prompt"] = metrics.mean_pairwise_distance(reading.features, groups)
 
         # FID/KID against real images of the same distribution, and the floor at the same n
         n = len(images)

@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_state_dict_strict,
                          save_model)
 from .presets import TRAINING, check_preset, default_preset, train_config
-from .train import TrainResult, progress_bars
+from .train import TrainResult, derive_seed, progress_bars, seed_everything
 
 CACHE_ENV = "MINIDALLE2_CACHE"
 # modules that register recipes, imported on the first lookup (not at import: they are heavy)
@@ -124,6 +124,7 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
     preset = check_preset(preset) if preset is not None else default_preset()
     where = cache_dir(cache) / name / preset
     path, run_dir = where / "model", where / "run"
+    seed_everything(derive_seed(name, preset, "init"))  # the same recipe always starts from the same weights
     model = recipe.build(preset)
     fp = fingerprint(recipe, preset, model)
 

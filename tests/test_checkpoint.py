@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from minidalle2 import checkpoint
-from minidalle2.checkpoint import (CheckpointError, atomic_write_json, load_checkpoint, load_model,
+from minidalle2.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, load_model,
                                    load_state_into, save_checkpoint, save_model)
 
 
@@ -150,3 +150,9 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_at):
 def test_atomic_write_json(tmp_path):
     atomic_write_json(tmp_path / "sub" / "a.json", {"b": [1, 2.5, None]})
     assert json.loads((tmp_path / "sub" / "a.json").read_text()) == {"b": [1, 2.5, None]}
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # mkstemp creates 0600 files; shipped weights must stay readable by other users
+    atomic_write_bytes(tmp_path / "x.bin", b"data")
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK

@@ -133,3 +133,19 @@ def test_recipe_modules_are_imported_lazily(toy, tmp_path, monkeypatch):
     with pytest.raises(zoo.ZooError, match="could not import minidalle2.not_written_yet"):
         zoo.get_recipe("oracle")
     monkeypatch.delitem(sys.modules, "my_chapter")
+
+
+def test_retraining_a_recipe_gives_the_same_weights(monkeypatch, tmp_path):
+    # build() without its own seed: the zoo seeds before building, so the caller's RNG state doesn't matter
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "_REGISTRY", {})
+    monkeypatch.setattr(zoo, "_RECIPE_MODULES", [])
+    fit = lambda model, preset, run_dir: train(model, mse, make_dataset(), train_config("toy", preset, device="cpu"),
+                                               run_dir=run_dir, kind="toy")
+    zoo.register(zoo.Recipe("unseeded", kind="toy", build=lambda preset: MLP(width=8), fit=fit, training="toy"))
+    torch.manual_seed(1)
+    first = zoo.load_or_train("unseeded", "smoke", progress=False)
+    torch.manual_seed(2)
+    second = zoo.load_or_train("unseeded", "smoke", retrain=True, progress=False)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
