@@ -190,23 +190,21 @@ def read(oracle, images, batch_size=500):
     """Run the oracle on images (N, 3, R, R) in [-1, 1]."""
     check_images(images)
     device = next(oracle.parameters()).device
-    feats = [oracle.cell_features(images[i:i + batch_size].float().to(device)).cpu()
-             for i in range(0, len(images), batch_size)]
-    cell = torch.cat(feats)
-    probs = {k: v.float().softmax(-1) for k, v in split_logits(oracle.head.cpu()(cell) if device.type == "cpu"
-                                                               else oracle.head(cell.to(device)).cpu()).items()}
+    cell = torch.cat([oracle.cell_features(images[i:i + batch_size].float().to(device))
+                      for i in range(0, len(images), batch_size)])
+    probs = {k: v.float().softmax(-1).cpu() for k, v in split_logits(oracle.head(cell)).items()}
     occupancy = probs["occupancy"].argmax(-1)
     count = (occupancy == 1).sum(1)
     confident = torch.stack([p.amax(-1) for p in probs.values()], -1) >= CONFIDENT  # (N, 9, 4)
-    attrs_ok = confident.all(-1) | (occupancy == 0) & confident[..., 0]
+    attrs_ok = confident.all(-1) | (occupancy == 0) & confident[..., 0]  # empty cells have no attributes
     valid = (count >= 1) & (count <= 2) & ~(occupancy == 2).any(1) & attrs_ok.all(1)
+    # the first two occupied cells (row-major) become the label rows of the scene
+    n, c = (occupancy == 1).nonzero(as_tuple=True)
+    slot = (occupancy == 1).cumsum(1)[n, c] - 1
+    rows = torch.stack([probs[h][n, c].argmax(-1) for h in ("shape", "color", "size")] + [c], -1)
     objects = torch.full((len(images), 2, 4), -1, dtype=torch.long)
-    for n in range(len(images)):
-        cells = (occupancy[n] == 1).nonzero()[:, 0][:2]
-        for k, c in enumerate(cells.tolist()):
-            objects[n, k] = torch.tensor([probs["shape"][n, c].argmax(), probs["color"][n, c].argmax(),
-                                          probs["size"][n, c].argmax(), c])
-    return Reading(probs, objects, count, valid, cell.flatten(1) * oracle.feature_scale.cpu())
+    objects[n[slot < 2], slot[slot < 2]] = rows[slot < 2]
+    return Reading(probs, objects, count, valid, (cell.flatten(1) * oracle.feature_scale).cpu())
 
 
 def describe(reading, i):
