@@ -351,6 +351,31 @@ def render(scenes, resolution=32, grayscale=False):
 
 # ----------------------------------------------------------------------------- torch Dataset
 
+def check_images(images, channels=(1, 3), slack=1e-3, name="images"):
+    """The image contract of the whole library: a float tensor (N, C, H, W), C in `channels`, values
+    in [-1, 1] (up to `slack`). Returns it as float32 on the CPU; a clear error names any breach."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}"
+                         + (" (a single image? use images[None])" if images.ndim == 3 else ""))
+    if images.shape[1] not in channels:
+        raise ValueError(f"{name} must have {' or '.join(map(str, channels))} channels (N, C, H, W), "
+                         f"got C={images.shape[1]} in shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be floats in [-1, 1], got dtype {images.dtype} "
+                        "(for uint8 images use images.float() / 127.5 - 1)")
+    images = images.detach().float().cpu()
+    if images.numel():
+        lo, hi = images.min().item(), images.max().item()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contain NaN or inf")
+        if lo < -1 - slack or hi > 1 + slack:
+            hint = " (images in [0, 1]? use x * 2 - 1)" if lo >= 0 else " (clamp generator outputs)"
+            raise ValueError(f"{name} must lie in [-1, 1], got min {lo:.3g} max {hi:.3g}{hint}")
+    return images
+
+
 def to_uint8(images):
     """[-1, 1] float images -> uint8 (4x smaller in memory, exact round trip of rendered pixels)."""
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

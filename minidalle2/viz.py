@@ -13,39 +13,21 @@ import textwrap
 import numpy as np
 import torch
 
+from .data import check_images, to_uint8 as data_to_uint8
+
 RANGE_SLACK = 1e-3  # model outputs may overshoot [-1, 1] by rounding; beyond this is an error
 
 
 def _check_images(images, name="images"):
-    """Validate an (N, C, H, W) batch in [-1, 1] and return it as a float CPU tensor."""
+    """Validate an (N, C, H, W) batch in [-1, 1] (tensor or numpy) and return it as a float CPU tensor."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}"
-                         + (" (a single image? use images[None])" if images.ndim == 3 else ""))
-    if images.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels (N, C, H, W), got C={images.shape[1]} "
-                         f"in shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be floats in [-1, 1], got dtype {images.dtype}")
-    images = images.detach().float().cpu()
-    if images.numel():
-        lo, hi = images.min().item(), images.max().item()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name} contain NaN or inf")
-        if lo < -1 - RANGE_SLACK or hi > 1 + RANGE_SLACK:
-            hint = " (images in [0, 1]? use x * 2 - 1)" if lo >= 0 else ""
-            raise ValueError(f"{name} must lie in [-1, 1], got min {lo:.3f} max {hi:.3f}{hint}")
-    return images
+    return check_images(images, slack=RANGE_SLACK, name=name)
 
 
 def to_uint8(images):
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 numpy array in [0, 255]."""
-    x = _check_images(images)
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return data_to_uint8(_check_images(images).clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images, nrow=8, padding=2, pad_value=1.0):

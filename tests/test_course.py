@@ -185,20 +185,20 @@ def test_to_uint8():
     assert viz.to_uint8(np.zeros((1, 3, 2, 2), dtype=np.float32)).shape == (1, 2, 2, 3)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(3, 8, 8), "single image"),
-    (torch.zeros(2, 2, 8, 8), "1 or 3 channels"),
-    (torch.zeros(2, 8, 8, 3), "1 or 3 channels"),
-    (torch.full((1, 3, 4, 4), 2.0), r"\[-1, 1\]"),
-    (torch.rand(1, 3, 4, 4) + 0.5, r"\[-1, 1\]"),
-    (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "floats"),
-    (torch.full((1, 1, 2, 2), float("nan")), "NaN"),
-    ([[0.0]], "Tensor"),
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.zeros(3, 8, 8), ValueError, "single image"),
+    (torch.zeros(2, 2, 8, 8), ValueError, "1 or 3 channels"),
+    (torch.zeros(2, 8, 8, 3), ValueError, "1 or 3 channels"),
+    (torch.full((1, 3, 4, 4), 2.0), ValueError, r"\[-1, 1\]"),
+    (torch.rand(1, 3, 4, 4) + 0.5, ValueError, r"\[-1, 1\]"),
+    (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), TypeError, "floats"),
+    (torch.full((1, 1, 2, 2), float("nan")), ValueError, "NaN"),
+    ([[0.0]], TypeError, "Tensor"),
 ])
-def test_viz_rejects_bad_images(bad, match):
-    with pytest.raises(ValueError, match=match):
+def test_viz_rejects_bad_images(bad, error, match):
+    with pytest.raises(error, match=match):
         viz.to_uint8(bad)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         viz.image_grid(bad)
 
 

@@ -85,8 +85,8 @@ def test_loss_decreases_on_one_batch():
 
 @pytest.mark.parametrize("images, error, words", [
     (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TypeError, "float"),
-    (torch.zeros(2, 1, 32, 32), ValueError, r"\(N, 3, R, R\)"),
-    (torch.zeros(3, 32, 32), ValueError, r"\(N, 3, R, R\)"),
+    (torch.zeros(2, 1, 32, 32), ValueError, "3 channels"),
+    (torch.zeros(3, 32, 32), ValueError, r"\(N, C, H, W\)"),
     (torch.zeros(2, 3, 32, 16), ValueError, "square"),
     (torch.full((2, 3, 32, 32), 255.0), ValueError, r"\[-1, 1\]"),
     (torch.full((2, 3, 32, 32), float("nan")), ValueError, "NaN"),
