@@ -203,6 +203,29 @@ def _divergence(step, loss, grad_norm, checkpoint, checkpoint_step):
                            step, checkpoint)
 
 
+def setup_distributed(device: torch.device):
+    """Under torchrun (WORLD_SIZE > 1), join the process group (nccl on CUDA, gloo on CPU) unless joined.
+    Returns this process's device and whether this call created the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class _LossModule(nn.Module):
     """Makes loss_fn the forward of one module, so DDP syncs gradients whatever loss_fn calls."""
 
@@ -225,16 +248,7 @@ def train(model, loss_fn, dataset, config: TrainConfig, *, run_dir=None, kind="m
         raise ValueError(f"train: batch_size {config.batch_size} is larger than the dataset ({n} examples)")
     if run_dir is not None or hasattr(model, "config"):
         model_config(model)  # fail now, not at the first checkpoint
-    device = pick_device(config.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created_group = False
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            created_group = True
+    device, created_group = setup_distributed(pick_device(config.device))
     try:
         return _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log,
                       _SHOW_PROGRESS if progress is None else progress)

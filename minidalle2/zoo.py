@@ -28,7 +28,8 @@ from torch import nn
 from .checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_state_dict_strict,
                          save_model)
 from .presets import TRAINING, check_preset, default_preset, train_config
-from .train import TrainResult, derive_seed, progress_bars, seed_everything
+from .train import (TrainResult, barrier, derive_seed, is_main_process, pick_device, progress_bars,
+                    seed_everything, setup_distributed)
 
 CACHE_ENV = "MINIDALLE2_CACHE"
 # modules that register recipes, imported on the first lookup (not at import: they are heavy)
@@ -139,19 +140,26 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
         except CheckpointError as e:
             print(f"zoo: cached {name!r} ({preset}) is unusable: {e}; retraining")
 
+    # under torchrun every process trains (DDP), but only the first one touches the cache
+    setup_distributed(pick_device())
+    main = is_main_process()
     # an interrupted training of this very recipe resumes; anything else starts afresh
     fp_file = run_dir / "fingerprint.txt"
-    if run_dir.exists() and (retrain or not fp_file.exists() or fp_file.read_text() != fp):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(fp)
-    print(f"zoo: training {name!r} ({preset}); it will be cached in {where}")
+    if main:
+        if run_dir.exists() and (retrain or not fp_file.exists() or fp_file.read_text() != fp):
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fp_file.write_text(fp)
+        print(f"zoo: training {name!r} ({preset}); it will be cached in {where}")
+    barrier()
     with progress_bars(progress):
         result = recipe.fit(model, preset, run_dir)
     trained = result.ema_model
-    save_model(trained, path, recipe.kind, {"fingerprint": fp, "recipe": name, "preset": preset,
-                                            "step": result.step, "seconds": result.seconds})
-    shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
+    if main:
+        save_model(trained, path, recipe.kind, {"fingerprint": fp, "recipe": name, "preset": preset,
+                                                "step": result.step, "seconds": result.seconds})
+        shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
+    barrier()
     return _frozen(trained)
 
 
@@ -163,10 +171,11 @@ def export(name: str, preset=None, path=None, *, cache=None, retrain=False, prog
     model = load_or_train(name, preset, cache=cache, retrain=retrain, progress=progress)
     _, trained_meta = load_checkpoint(cache_dir(cache) / name / preset / "model", expected_kind=recipe.kind)
     row = recipe.training or recipe.name
-    meta = {"recipe": name, "preset": preset, "command": f"python -m minidalle2 train {name} --preset {preset}",
+    command = f"python -m minidalle2 train {name} --preset {preset}" + (f" --export {path}" if path else "")
+    meta = {"recipe": name, "preset": preset, "command": command,
             "train_config": train_config(row, preset).to_dict() if row in TRAINING else None,
             "train_seconds": trained_meta.get("seconds"), "fingerprint": trained_meta.get("fingerprint"),
             "report": recipe.report(model) if recipe.report else None}
-    if path is not None:
+    if path is not None and is_main_process():
         save_model(model, path, recipe.kind, meta)
     return meta

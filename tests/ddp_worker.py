@@ -52,6 +52,17 @@ def mse(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
+def train_through_zoo(cache):
+    """`torchrun ... ddp_worker.py zoo CACHE`: train-or-load under DDP; only rank 0 may touch the cache."""
+    from minidalle2 import zoo
+    fit = lambda model, preset, run_dir: train(model, mse, make_dataset(), CONFIG, run_dir=run_dir)
+    zoo.register(zoo.Recipe("ddp_toy", kind="toy", build=lambda preset: MLP(), fit=fit, training="toy"))
+    zoo.load_or_train("ddp_toy", "smoke", cache=cache, progress=False)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    train(build_model(), mse, make_dataset(), CONFIG, run_dir=sys.argv[1], progress=False)
+    if sys.argv[1] == "zoo":
+        train_through_zoo(sys.argv[2])
+    else:
+        train(build_model(), mse, make_dataset(), CONFIG, run_dir=sys.argv[1], progress=False)

@@ -251,3 +251,16 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert torch.allclose(ddp_state["model." + k], v, atol=1e-6), k
     single_losses = [h["loss"] for h in single.history]
     assert [h["loss"] for h in meta["history"]] == pytest.approx(single_losses, abs=1e-6)
+
+
+def test_train_or_load_under_ddp_writes_the_cache_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(Path(ddp_worker.__file__)), "zoo", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    where = tmp_path / "cache" / "ddp_toy" / "smoke"
+    assert (where / "model.safetensors").exists() and not (where / "run").exists()
+    assert proc.stdout.count("zoo: training 'ddp_toy'") == 1   # rank 0 alone prepares and saves
+    load_model(where / "model", MLP, expected_kind="toy")
