@@ -90,6 +90,11 @@ def test_cli_lists_commands_and_benchmarks_real(tmp_path):
     row = json.loads((tmp_path / "row.json").read_text())
     assert row["model"] == "real" and row["caption_accuracy"] >= 0.98
     assert "real" in run("scoreboard", "--path", str(board)).stdout
+    out = run("sample", "real", "--prompt", "a red circle", "--prompt", "a blue square above a green cross",
+              "--n", "4", "--out", str(tmp_path / "s.png"))
+    assert out.returncode == 0 and (tmp_path / "s.png").stat().st_size > 0, out.stderr
+    bad = run("sample", "real", "--prompt", "a red blob", "--n", "2", "--out", str(tmp_path / "t.png"))
+    assert bad.returncode == 2 and "unknown word 'blob'" in bad.stderr
     bad = run("train", "oracle", "--preset", "huge")
     assert bad.returncode != 0 and "huge" in bad.stderr
     bad = run("train", "no_such_model", "--preset", "smoke")
