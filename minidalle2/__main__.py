@@ -90,7 +90,7 @@ def main(argv=None):
     from .zoo import ZooError
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ZooError, DivergenceError) as e:  # one clear line, no traceback
+    except (ValueError, OSError, ZooError, DivergenceError) as e:  # one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
