@@ -27,7 +27,6 @@ import datetime
 import html
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 import nbformat
 
 from .checkpoint import atomic_write_bytes
+from .presets import PRESETS, check_preset
+from .train import machine_description
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the minidalle2 package
 NOTEBOOK_RE = re.compile(r"^\d\d_\w+\.ipynb$")
@@ -163,31 +164,6 @@ def _write_html(nb, dest):
 # -----------------------------------------------------------------------------
 # running the whole course
 
-def machine_description():
-    """One line naming the machine the runs were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
-    try:
-        import torch
-        if torch.cuda.is_available():
-            dev = f"cuda ({torch.cuda.get_device_name(0)})"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            dev = "mps"
-        else:
-            dev = "cpu"
-        desc += f", torch {torch.__version__} on {dev}"
-    except ImportError:
-        pass
-    return desc
-
-
 def record_runtime(runtimes_path, notebook_name, preset, seconds, measured_on, date=None):
     """Merge one measurement into runtimes.json (read, update, atomic replace)."""
     runtimes_path = Path(runtimes_path)
@@ -209,7 +185,6 @@ def run_course(preset, notebooks_dir="notebooks", build_dir=None, only=None,
     `only`: names or prefixes to run ("07", "07_clip"). With record_runtimes=True the times
     of successful runs are merged into notebooks_dir/runtimes.json.
     """
-    from minidalle2.presets import check_preset
     check_preset(preset)
     build_dir = Path(build_dir or Path("build") / "course" / preset)
     notebooks = list_notebooks(notebooks_dir)
@@ -262,7 +237,7 @@ def _write_reports(build_dir, preset, runs, measured_on):
 # -----------------------------------------------------------------------------
 # the runtime table in each notebook's header
 
-def runtime_table(notebook_name, runtimes_path=None, presets=("smoke", "cpu", "full")):
+def runtime_table(notebook_name, runtimes_path=None, presets=PRESETS):
     """Markdown table of measured run times; use: display(Markdown(runtime_table("07_clip")))."""
     name = Path(notebook_name).stem
     if runtimes_path is None:

@@ -20,14 +20,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
+import time
 from pathlib import Path
 
 import torch
 
 from . import data, metrics
-from .checkpoint import atomic_write_bytes
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
 from .oracle import load_oracle, matches, read
+from .train import machine_description
 
 SCOREBOARD_ENV = "MINIDALLE2_SCOREBOARD"
 ATTRIBUTES = ("shape", "color", "size", "position")
@@ -128,8 +129,7 @@ def add_row(model, preset, report, *, train_seconds=None, sample_seconds=None, p
     path = Path(path) if path else default_path()
     row = {"model": model, "preset": preset, **report, "train_seconds": train_seconds,
            "sample_seconds": sample_seconds, "date": datetime.date.today().isoformat(),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
-                      f"{', cuda' if torch.cuda.is_available() else ', cpu'}", **extra}
+           "machine": machine_description(), **extra}
     old = path.read_bytes() if path.exists() else b""
     atomic_write_bytes(path, old + (json.dumps(row) + "\n").encode())
     return row
@@ -163,7 +163,8 @@ def format_table(rows, columns=COLUMNS) -> str:
 # ----------------------------------------------------------------------------- benchmark command
 
 def generate(name, preset, n, prompts=None, seed=0):
-    """n samples of a registered generator; the name "real" renders the prompts exactly (the ceiling)."""
+    """n samples of a registered generator, and its training time (seconds, None if unknown).
+    The name "real" renders the prompts exactly: the ceiling every generator is compared with."""
     if name == "real":
         scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
         return data.render(scenes), 0.0
@@ -172,28 +173,21 @@ def generate(name, preset, n, prompts=None, seed=0):
     if recipe.sample is None:
         raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
     model = zoo.load_or_train(name, preset)
-    meta_seconds = None
-    try:
-        from .checkpoint import load_checkpoint
-        meta_seconds = load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
-    except Exception:  # the train time is a nicety in the table, never a reason to fail
-        pass
-    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), meta_seconds
+    try:  # the train time is a nicety in the table, never a reason to fail
+        train_seconds = load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
+    except CheckpointError:
+        train_seconds = None
+    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), train_seconds
 
 
 def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
     """The benchmark command: sample n images (prompts = captions of `split`), score, add a row."""
-    import time
+    from . import zoo
     prompts = data.sample_scenes(n, split, seed=seed + 100).captions
     start = time.perf_counter()
     images, train_seconds = generate(name, preset, n, prompts, seed)
     sample_seconds = time.perf_counter() - start
-    conditional = name == "real" or getattr(_recipe_or_none(name), "conditional", False)
+    conditional = name == "real" or zoo.get_recipe(name).conditional
     report = score(images, prompts if conditional else None, seed=seed)
     return add_row(name, preset, report, train_seconds=train_seconds, sample_seconds=sample_seconds,
                    path=path, split=split)
-
-
-def _recipe_or_none(name):
-    from . import zoo
-    return None if name == "real" else zoo.get_recipe(name)

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,22 @@ def pick_device(name="auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def machine_description() -> str:
+    """One line naming the machine a time was measured on (CPU model, cores, torch, device)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = pick_device()
+    if device.type == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__} on {device}"
 
 
 def seed_everything(seed: int) -> None:
