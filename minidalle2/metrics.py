@@ -67,9 +67,14 @@ def frechet_distance_from_stats(mu1, cov1, mu2, cov2):
                          f"mu2 {tuple(mu2.shape)}, cov2 {tuple(cov2.shape)}")
     # Tr((S1 S2)^{1/2}) computed symmetrically: (S1 S2)^{1/2} is similar to (S1^{1/2} S2 S1^{1/2})^{1/2},
     # a symmetric PSD matrix, so its trace is the sum of square roots of that matrix's eigenvalues.
-    sqrt_cov1 = _sqrt_psd(cov1)
-    middle = sqrt_cov1 @ cov2 @ sqrt_cov1
-    trace_sqrt_product = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few-hundred-dim eigh: 1 thread takes ms; 2 busy threads took seconds
+    try:
+        sqrt_cov1 = _sqrt_psd(cov1)
+        middle = sqrt_cov1 @ cov2 @ sqrt_cov1
+        trace_sqrt_product = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    finally:
+        torch.set_num_threads(threads)
     # FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})
     fid = (mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * trace_sqrt_product
     return max(fid.item(), 0.0)  # rounding can leave -1e-12 for identical sets
