@@ -2,6 +2,7 @@
 #   make course                 run every notebook at the cpu preset -> build/course/cpu/index.html
 #   make course PRESET=smoke    seconds per notebook: proves the plumbing
 #   make test                   the test suite (what CI runs)
+#   make student                student versions of the notebooks (solutions removed) -> build/student/
 # The first run creates .venv and installs the package into it (pip install -e '.[dev]');
 # it is refreshed whenever pyproject.toml changes.
 
@@ -11,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.minidalle2-installed
 
-.PHONY: course test strip clean distclean venv
+.PHONY: course test student strip clean distclean venv
 
 venv: $(STAMP)
 
@@ -28,6 +29,9 @@ test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected"; exit 0; fi; \
 	exit $$rc
+
+student: $(STAMP)
+	$(PY) -m minidalle2 student --out build/student
 
 # remove outputs from the notebooks before committing them
 strip: $(STAMP)

@@ -1,4 +1,4 @@
-"""The command line: python -m minidalle2 {train, sample, evaluate, scoreboard, course} --help"""
+"""The command line: python -m minidalle2 {train, sample, evaluate, scoreboard, course, student} --help"""
 import argparse
 import json
 import sys
@@ -41,6 +41,18 @@ def _scoreboard(args):
     return 0
 
 
+def _student(args):
+    from .course import list_notebooks
+    from .exercises import exercise_count, write_student_notebooks
+    import nbformat
+    paths = args.notebooks or list_notebooks(args.notebooks_dir)
+    if not paths:
+        raise ValueError(f"no notebooks found in {args.notebooks_dir}")
+    for dest in write_student_notebooks(paths, args.out):
+        print(f"{dest}  ({exercise_count(nbformat.read(str(dest), as_version=4))} exercises)")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["course"]:  # the course runner owns its own options
@@ -80,6 +92,12 @@ def main(argv=None):
     p = sub.add_parser("scoreboard", help="print the scoreboard table")
     p.add_argument("--path", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")
     p.set_defaults(run=_scoreboard)
+
+    p = sub.add_parser("student", help="write student versions of the notebooks (solutions -> NotImplementedError)")
+    p.add_argument("notebooks", nargs="*", help="default: every NN_*.ipynb in --notebooks-dir")
+    p.add_argument("--notebooks-dir", default="notebooks")
+    p.add_argument("--out", default="build/student", help="output folder (default: build/student)")
+    p.set_defaults(run=_student)
 
     sub.add_parser("course", help="run every notebook in order (see: course --help)")
     args = parser.parse_args(argv)

@@ -117,10 +117,12 @@ def _kernel_env(preset, env):
     return e
 
 
-def run_notebook(path, preset, out_dir, timeout=DEFAULT_CELL_TIMEOUT, env=None):
+def run_notebook(path, preset, out_dir, timeout=DEFAULT_CELL_TIMEOUT, env=None, allow_errors=False):
     """
     Execute one notebook at `preset` in a fresh kernel; write out_dir/NAME.ipynb and NAME.html.
     `timeout` is per cell in seconds; `env` adds variables to the kernel's environment.
+    allow_errors=True runs every cell even after one raises (for student versions); the
+    errors are then in the executed copy (see exercises.errors_by_cell), not in the result.
     """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -128,7 +130,7 @@ def run_notebook(path, preset, out_dir, timeout=DEFAULT_CELL_TIMEOUT, env=None):
     path, out_dir = Path(path).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = inject_preset(nbformat.read(str(path), as_version=4), preset)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
                             resources={"metadata": {"path": str(path.parent)}},
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no kernel-app chatter
     error = ""

@@ -201,3 +201,12 @@ def normalized_entropy(counts):
     p = p[p > 0]  # 0 log 0 = 0
     entropy = -(p * p.log()).sum()  # H = -sum_k p_k log p_k
     return (entropy / math.log(counts.numel())).item()
+
+
+def psnr(images, targets, peak_to_peak=2.0):
+    """Per-image peak signal-to-noise ratio in dB, 10 log10(peak^2 / MSE), for images in [-1, 1]
+    (peak-to-peak 2). Returns a tensor (N,); average it for a report."""
+    if images.shape != targets.shape:
+        raise ValueError(f"psnr: images {tuple(images.shape)} and targets {tuple(targets.shape)} differ in shape")
+    mse = (images.float() - targets.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak_to_peak ** 2 / mse.clamp_min(1e-12))

@@ -104,6 +104,27 @@ TRAINING = {
         "full": dict(steps=3000, batch_size=128, lr=2e-3, weight_decay=0.01, warmup_steps=100,
                      lr_schedule="cosine", grad_clip=1.0, bf16=True, log_every=50),
     },
+    # chapters 01-04 (placeholders until each chapter measures its budget)
+    "gan": {
+        "smoke": dict(steps=20, batch_size=32, lr=2e-4, log_every=5),
+        "cpu": dict(steps=1000, batch_size=64, lr=2e-4, betas=(0.0, 0.99), bf16=True, log_every=50),
+        "full": dict(steps=10000, batch_size=128, lr=2e-4, betas=(0.0, 0.99), bf16=True, log_every=100),
+    },
+    "autoencoder": {
+        "smoke": dict(steps=20, batch_size=32, lr=2e-3, log_every=5),
+        "cpu": dict(steps=1000, batch_size=128, lr=2e-3, warmup_steps=50, lr_schedule="cosine", bf16=True, log_every=50),
+        "full": dict(steps=10000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", bf16=True, log_every=100),
+    },
+    "denoising_autoencoder": {
+        "smoke": dict(steps=20, batch_size=32, lr=2e-3, log_every=5),
+        "cpu": dict(steps=1000, batch_size=128, lr=2e-3, warmup_steps=50, lr_schedule="cosine", bf16=True, log_every=50),
+        "full": dict(steps=10000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", bf16=True, log_every=100),
+    },
+    "vae": {
+        "smoke": dict(steps=20, batch_size=32, lr=2e-3, log_every=5),
+        "cpu": dict(steps=1000, batch_size=128, lr=2e-3, warmup_steps=50, lr_schedule="cosine", bf16=True, log_every=50),
+        "full": dict(steps=10000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", bf16=True, log_every=100),
+    },
     # a tiny row for the tests of train.py and zoo.py
     "toy": {
         "smoke": dict(steps=20, batch_size=16, lr=1e-2, log_every=5),

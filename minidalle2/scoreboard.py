@@ -13,7 +13,9 @@ Numbers (all from the oracle, never from the model being scored):
   split), beside fid_floor / kid_floor: the same numbers for two sets of real images of equal size;
 - coverage: share of the 30 shape x colour pairs seen among valid objects; coverage_entropy;
 - diversity: mean pairwise feature distance over all images; diversity_per_prompt: the same between
-  images of one prompt, when prompts repeat.
+  images of one prompt, when prompts repeat;
+- for image -> image models (auto-encoders, denoisers; `score_reconstructions`): psnr against the
+  originals, and recon_caption_accuracy / recon_validity: the oracle on the reconstructions.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .train import machine_description
 SCOREBOARD_ENV = "MINIDALLE2_SCOREBOARD"
 ATTRIBUTES = ("shape", "color", "size", "position")
 COLUMNS = ("model", "preset", "n", "caption_accuracy", "validity", "fid", "fid_floor", "coverage",
-           "diversity", "train_seconds", "sample_seconds")
+           "diversity", "psnr", "recon_caption_accuracy", "train_seconds", "sample_seconds")
 
 
 def _attribute_hits(prompt, objects, hits, totals):
@@ -117,6 +119,18 @@ def score(images, prompts=None, oracle=None, reference=None, seed=0):
     return report
 
 
+def score_reconstructions(reconstructions, originals, captions, oracle=None):
+    """Numbers for an image -> image model (auto-encoder, denoiser): mean PSNR against the originals,
+    and the oracle's caption accuracy and validity on the reconstructions, keyed recon_*."""
+    originals = data.check_images(originals, name="originals")
+    reconstructions = data.check_images(reconstructions, slack=float("inf"), name="reconstructions")
+    if len(captions) != len(originals):
+        raise ValueError(f"got {len(originals)} images but {len(captions)} captions")
+    report = score(reconstructions.clamp(-1, 1), captions, oracle=oracle)
+    return {"n": len(originals), "psnr": metrics.psnr(reconstructions, originals).mean().item(),
+            "recon_caption_accuracy": report["caption_accuracy"], "recon_validity": report["validity"]}
+
+
 # ----------------------------------------------------------------------------- the table
 
 def default_path() -> Path:
@@ -173,21 +187,36 @@ def generate(name, preset, n, prompts=None, seed=0):
     if recipe.sample is None:
         raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
     model = zoo.load_or_train(name, preset)
+    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), _train_seconds(name, preset)
+
+
+def _train_seconds(name, preset):
+    from . import zoo
     try:  # the train time is a nicety in the table, never a reason to fail
-        train_seconds = load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
+        return load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
     except CheckpointError:
-        train_seconds = None
-    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), train_seconds
+        return None
 
 
 def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
-    """The benchmark command: sample n images (prompts = captions of `split`), score, add a row."""
+    """The benchmark command: sample n images (prompts = captions of `split`), score, add a row.
+    A recipe with a `report` (e.g. reconstruction PSNR of an auto-encoder) adds those numbers too;
+    a recipe that does not generate (a denoiser) gets a row of its report alone."""
     from . import zoo
-    prompts = data.sample_scenes(n, split, seed=seed + 100).captions
-    start = time.perf_counter()
-    images, train_seconds = generate(name, preset, n, prompts, seed)
-    sample_seconds = time.perf_counter() - start
-    conditional = name == "real" or zoo.get_recipe(name).conditional
-    report = score(images, prompts if conditional else None, seed=seed)
+    recipe = None if name == "real" else zoo.get_recipe(name)
+    report, sample_seconds, train_seconds = {}, None, None
+    if recipe is None or recipe.sample is not None:
+        prompts = data.sample_scenes(n, split, seed=seed + 100).captions
+        start = time.perf_counter()
+        images, train_seconds = generate(name, preset, n, prompts, seed)
+        sample_seconds = time.perf_counter() - start
+        conditional = recipe is None or recipe.conditional
+        report = score(images, prompts if conditional else None, seed=seed)
+    if recipe is not None and recipe.report is not None:
+        model = zoo.load_or_train(name, preset)
+        train_seconds = _train_seconds(name, preset)
+        report.update(recipe.report(model))
+    elif recipe is not None and recipe.sample is None:
+        raise ValueError(f"recipe {name!r} neither generates (no sample) nor reports (no report)")
     return add_row(name, preset, report, train_seconds=train_seconds, sample_seconds=sample_seconds,
                    path=path, split=split)

@@ -194,3 +194,13 @@ def test_input_validation_messages():
         mean_pairwise_distance(torch.randn(3, 2), groups=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="positive total"):
         normalized_entropy(torch.tensor([0, 0]))
+
+
+def test_psnr_closed_form():
+    from minidalle2.metrics import psnr
+    targets = torch.zeros(3, 3, 8, 8)
+    images = targets + torch.tensor([0.2, 0.02, 2.0]).view(3, 1, 1, 1)
+    # MSE 0.04, 0.0004, 4 with peak-to-peak 2: 10 log10(4 / MSE) = 20, 40, 0 dB
+    torch.testing.assert_close(psnr(images, targets), torch.tensor([20.0, 40.0, 0.0]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(images, targets[:2])

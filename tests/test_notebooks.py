@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minidalle2 import course
+from minidalle2 import course, exercises
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = course.list_notebooks(NOTEBOOKS_DIR) if NOTEBOOKS_DIR.is_dir() else []
@@ -30,6 +30,45 @@ def test_notebook_runs_at_smoke_preset(path, tmp_path, shared_cache):
     run = course.run_notebook(path, "smoke", tmp_path, timeout=600,
                               env={"MINIDALLE2_CACHE": str(shared_cache)})
     assert run.ok, f"{run.error}\n(executed copy with outputs: {tmp_path / path.name})"
+    import nbformat
+    executed = nbformat.read(str(tmp_path / path.name), as_version=4)
+    for i, cell in enumerate(executed.cells):  # the solutions pass their checks
+        if exercises.is_check_cell(cell):
+            text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+            assert "\N{CHECK MARK}" in text, f"{path.name}: check cell {i} did not report a pass: {text!r}"
+
+
+CHAPTERS = [p for p in NOTEBOOKS if not p.name.startswith("00_")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHAPTERS, reason="no chapter notebooks yet")
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_student_version_fails_only_at_its_exercises(path, tmp_path, shared_cache):
+    """The generated student notebook runs top to bottom except at the check cells, which all fail
+    with NotImplementedError: nothing downstream depends on the student's code."""
+    import nbformat
+    student = exercises.write_student_notebooks([path], tmp_path / "student")[0]
+    run = course.run_notebook(student, "smoke", tmp_path / "run", timeout=600, allow_errors=True,
+                              env={"MINIDALLE2_CACHE": str(shared_cache)})
+    assert run.ok, run.error  # the kernel itself did not crash
+    nb = nbformat.read(str(tmp_path / "run" / path.name), as_version=4)
+    errors = exercises.errors_by_cell(nb)
+    wrong = {i: e for i, e in errors.items() if e != "NotImplementedError"
+             or not (exercises.is_check_cell(nb.cells[i]) or exercises.is_solution_cell(nb.cells[i]))}
+    assert not wrong, f"{path.name} student version: unexpected errors {wrong} (cell: exception)"
+    checks = [i for i, c in enumerate(nb.cells) if exercises.is_check_cell(c)]
+    silent = [i for i in checks if i not in errors and (i - 1) not in errors]
+    assert not silent, f"{path.name} student version: check cells {silent} passed without the student's code"
+
+
+@pytest.mark.skipif(not CHAPTERS, reason="no chapter notebooks yet")
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_has_two_well_formed_exercises(path):
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    assert not exercises.problems(nb, path.name)
+    assert exercises.exercise_count(nb) >= 2, f"{path.name}: needs at least two exercises"
 
 
 @pytest.mark.skipif(not ALL_IPYNB, reason="no notebooks yet")

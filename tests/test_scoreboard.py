@@ -99,3 +99,28 @@ def test_cli_lists_commands_and_benchmarks_real(tmp_path):
     assert bad.returncode != 0 and "huge" in bad.stderr
     bad = run("train", "no_such_model", "--preset", "smoke")
     assert bad.returncode == 2 and "unknown recipe 'no_such_model'" in bad.stderr
+
+
+def test_reconstruction_scores(real):
+    from minidalle2.scoreboard import score_reconstructions
+    images, captions = real
+    perfect = score_reconstructions(images, images, captions)
+    assert perfect["recon_caption_accuracy"] >= 0.98 and perfect["psnr"] > 100
+    blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+    worse = score_reconstructions(blurred, images, captions)
+    assert worse["psnr"] < 25 and worse["recon_caption_accuracy"] < perfect["recon_caption_accuracy"]
+    with pytest.raises(ValueError, match="captions"):
+        score_reconstructions(images, images, captions[:3])
+
+
+def test_benchmark_row_of_a_recipe_that_only_reports(tmp_path, monkeypatch):
+    """A denoiser is not a generator: its row holds its report and its train time, no sample scores."""
+    from minidalle2 import scoreboard, zoo
+    recipe = zoo.Recipe("denoiser_demo", "demo", build=None, fit=None, report=lambda model: {"psnr_gain": 12.5})
+    monkeypatch.setattr(zoo, "get_recipe", lambda name: recipe)
+    monkeypatch.setattr(zoo, "load_or_train", lambda name, preset: torch.nn.Identity())
+    row = scoreboard.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")
+    assert row["psnr_gain"] == 12.5 and row["model"] == "denoiser_demo" and "validity" not in row
+    recipe.report = None
+    with pytest.raises(ValueError, match="neither generates"):
+        scoreboard.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")
