@@ -31,6 +31,14 @@ def expect_images(x, channels=3, resolution=32, who="model"):
     return x
 
 
+def expect_latents(z, dim, who="model"):
+    """Check that z is a float batch of latent vectors (B, dim); a clear error if not."""
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != dim:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"{who} expects latents z of shape (B, {dim}), got {shape}")
+    return z
+
+
 def _maybe_spectral(layer, spectral):
     return spectral_norm(layer) if spectral else layer
 
@@ -101,7 +109,5 @@ class ConvDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.in_features:
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"{type(self).__name__} expects latents of shape (B, {self.in_features}), got {shape}")
+        expect_latents(z, self.in_features, type(self).__name__)
         return self.net(self.project(z).view(len(z), self.width, self.start, self.start))

@@ -207,6 +207,8 @@ def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
     report, sample_seconds, train_seconds = {}, None, None
     if recipe is None or recipe.sample is not None:
         prompts = data.sample_scenes(n, split, seed=seed + 100).captions
+        if recipe is not None:
+            zoo.load_or_train(name, preset)  # train (or load) first: the clock below times sampling only
         start = time.perf_counter()
         images, train_seconds = generate(name, preset, n, prompts, seed)
         sample_seconds = time.perf_counter() - start

@@ -157,10 +157,27 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
     trained = result.ema_model
     if main:
         save_model(trained, path, recipe.kind, {"fingerprint": fp, "recipe": name, "preset": preset,
-                                                "step": result.step, "seconds": result.seconds})
+                                                "step": result.step, "seconds": result.seconds,
+                                                "history": _thin(result.history)})
         shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
     barrier()
     return _frozen(trained)
+
+
+def _thin(history, points=500):
+    """At most ~`points` entries of a training history (every k-th step, and the last): enough for curves."""
+    k = max(1, -(-len(history) // points))  # ceil
+    return [h for i, h in enumerate(history) if i % k == 0 or i == len(history) - 1]
+
+
+def training_history(name: str, preset=None, *, cache=None) -> list[dict]:
+    """The training curves (one dict per logged step: step, loss, lr, ... and what the loss logged)
+    of the cached model of recipe `name`; train it first with load_or_train."""
+    preset = check_preset(preset) if preset is not None else default_preset()
+    path = cache_dir(cache) / name / preset / "model"
+    if not checkpoint_exists(path):
+        raise ZooError(f"no cached {name!r} ({preset}) in {path.parent}; run zoo.load_or_train({name!r}, {preset!r})")
+    return load_checkpoint(path, expected_kind=get_recipe(name).kind)[1].get("history", [])
 
 
 def export(name: str, preset=None, path=None, *, cache=None, retrain=False, progress=True) -> dict:

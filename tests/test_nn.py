@@ -34,7 +34,7 @@ def test_bad_inputs_are_named():
         encoder(torch.randn(3, 32, 32))
     with pytest.raises(TypeError, match="uint8"):
         expect_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"latents of shape \(B, 12\), got \(2, 7\)"):
+    with pytest.raises(ValueError, match=r"latents z of shape \(B, 12\), got \(2, 7\)"):
         decoder(torch.randn(2, 7))
     with pytest.raises(ValueError, match="cannot be halved"):
         ConvEncoder(resolution=20, widths=(8, 16, 32))

@@ -53,6 +53,17 @@ def test_trains_once_then_loads(toy, tmp_path, capsys):
     assert toy == ["smoke", "cpu", "smoke"]
 
 
+def test_training_curves_are_kept_with_the_model(toy):
+    with pytest.raises(zoo.ZooError, match="no cached 'toy'"):
+        zoo.training_history("toy", "smoke")
+    zoo.load_or_train("toy", "smoke", progress=False)
+    history = zoo.training_history("toy", "smoke")
+    assert [h["step"] for h in history] == list(range(1, train_config("toy", "smoke").steps + 1))
+    assert all("loss" in h and "lr" in h for h in history)
+    thinned = zoo._thin([{"step": i} for i in range(1, 1202)], points=500)
+    assert len(thinned) <= 502 and thinned[0]["step"] == 1 and thinned[-1]["step"] == 1201
+
+
 def test_default_preset_comes_from_env(toy, monkeypatch):
     monkeypatch.setenv(presets.PRESET_ENV, "smoke")
     zoo.load_or_train("toy", progress=False)

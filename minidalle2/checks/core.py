@@ -71,6 +71,5 @@ def expect_close(actual, expected, what, atol=1e-5, rtol=1e-4, hint=""):
 
 
 def passed(name, what):
-    """Print the success line (and return True, so a grader can use the result)."""
+    """Print the success line (a failed check raises instead, which is what a grader counts)."""
     print(f"\N{CHECK MARK} {name}: correct - {what}")
-    return True
