@@ -122,10 +122,12 @@ TRAINING = {
         "full": dict(steps=3000, batch_size=128, lr=2e-3, betas=(0.0, 0.99), ema_decay=0.999, bf16=True, log_every=100),
     },
     # chapters 02-03: a 0.45M-param conv auto-encoder (widths 16/32/64, 64-number latent) on 50k images.
-    # cpu: 3,000 steps of 64 (~4 epochs); measured: 1,100 steps already give 28.9 dB held-out PSNR
+    # cpu: 6,000 steps of 64 (~8 epochs, ~10 min on 2 idle cores: 3,000 steps took 292 s). Measured on
+    # 1,000 held-out images: 3,000 steps give 37.6 dB and 92.6% oracle caption accuracy, 6,000 give
+    # 41.9 dB and 99.6% (the bar is 98%): the small shapes' corners need the extra steps
     "autoencoder": {
         "smoke": dict(steps=20, batch_size=32, lr=3e-3, log_every=5),
-        "cpu": dict(steps=3000, batch_size=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+        "cpu": dict(steps=6000, batch_size=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
                     bf16=True, log_every=100),
         "full": dict(steps=20000, batch_size=128, lr=2e-3, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
                      bf16=True, log_every=200),
@@ -133,7 +135,7 @@ TRAINING = {
     # the same network and budget, trained on corrupted inputs (noise sigma ~ U(0, 0.5) or patch masking)
     "denoising_autoencoder": {
         "smoke": dict(steps=20, batch_size=32, lr=3e-3, log_every=5),
-        "cpu": dict(steps=3000, batch_size=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+        "cpu": dict(steps=6000, batch_size=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
                     bf16=True, log_every=100),
         "full": dict(steps=20000, batch_size=128, lr=2e-3, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
                      bf16=True, log_every=200),
