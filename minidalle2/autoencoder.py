@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents
+from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 
 class Autoencoder(nn.Module):
@@ -160,10 +160,8 @@ def reconstruct(model, images, sigma=None, batch_size=500):
 @torch.no_grad()
 def fit_latent_gaussian(model, images, batch_size=500):
     """Store the per-dimension mean and std of the latents of `images` in the model (for sampling)."""
-    device = next(model.parameters()).device
     sigma = 0.0 if model.noise_level_input else None   # a denoiser's latents of clean images
-    z = torch.cat([model.encode(images[i:i + batch_size].to(device), sigma).float()
-                   for i in range(0, len(images), batch_size)])
+    z = in_batches(lambda x: model.encode(x, sigma), images, next(model.parameters()).device, batch_size)
     model.latent_mean.copy_(z.mean(0))
     model.latent_std.copy_(z.std(0))
     return z
@@ -174,8 +172,7 @@ def sample_random_latents(model, n, seed=0):
     """Decode z ~ N(latent_mean, diag(latent_std^2)): the AE's best guess at 'a random image'."""
     g = torch.Generator().manual_seed(seed)
     z = model.latent_mean.cpu() + model.latent_std.cpu() * torch.randn(n, model.latent_dim, generator=g)
-    device = next(model.parameters()).device
-    return torch.cat([model.decode(z[i:i + 500].to(device)).float().cpu() for i in range(0, n, 500)]).clamp(-1, 1)
+    return in_batches(model.decode, z, next(model.parameters()).device).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------- zoo recipes

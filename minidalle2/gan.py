@@ -159,7 +159,7 @@ class GAN(nn.Module):
     def sample(self, n, seed=0, batch_size=500):
         """n images in [-1, 1]; the same seed gives the same images."""
         z = self.latents(n, seed)
-        return torch.cat([self.generator(z[i:i + batch_size]).float().cpu() for i in range(0, n, batch_size)])
+        return mnn.in_batches(self.generator, z, z.device, batch_size)
 
 
 # ----------------------------------------------------------------------------- one training step

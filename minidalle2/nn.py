@@ -39,6 +39,13 @@ def expect_latents(z, dim, who="model"):
     return z
 
 
+@torch.no_grad()
+def in_batches(fn, x, device, batch_size=500):
+    """fn over x in chunks moved to `device`, without gradients; the outputs concatenated as CPU floats
+    (evaluating thousands of images at once would need gigabytes of activations)."""
+    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
 def _maybe_spectral(layer, spectral):
     return spectral_norm(layer) if spectral else layer
 

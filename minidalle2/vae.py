@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents
+from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 PIXEL_LEVELS = 256
 HALF_BIN = 1.0 / (PIXEL_LEVELS - 1)   # [-1, 1] holds 256 levels 2/255 apart: each bin is +-1/255
@@ -279,9 +279,7 @@ def report(model, n=REPORT_IMAGES, seed=1000):
     from .scoreboard import score_reconstructions
     test = data.ShapesDataset(n, "test", seed=seed)
     images = test.get_batch(torch.arange(n))["image"]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        recon = torch.cat([model.reconstruct(images[i:i + 250].to(device)).cpu() for i in range(0, n, 250)])
+    recon = in_batches(model.reconstruct, images, next(model.parameters()).device, batch_size=250)
     numbers = score_reconstructions(recon, images, test.scenes.captions)
     held_out = evaluate(model, images, seed=seed)
     return {**numbers, **{k: held_out[k] for k in ("elbo_bits_per_dim", "nll_bits_per_dim",
