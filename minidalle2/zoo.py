@@ -33,7 +33,7 @@ from .train import (TrainResult, barrier, derive_seed, is_main_process, pick_dev
 
 CACHE_ENV = "MINIDALLE2_CACHE"
 # modules that register recipes, imported on the first lookup (not at import: they are heavy)
-_RECIPE_MODULES = ["minidalle2.oracle", "minidalle2.gan", "minidalle2.autoencoder", "minidalle2.vae"]
+_RECIPE_MODULES = ["minidalle2.oracle", "minidalle2.gan", "minidalle2.autoencoder", "minidalle2.vae", "minidalle2.clip"]
 
 
 class ZooError(RuntimeError):
