@@ -132,7 +132,9 @@ TRAINING = {
         "full": dict(steps=20000, batch_size=128, lr=2e-3, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
                      bf16=True, log_every=200),
     },
-    # the same network and budget, trained on corrupted inputs (noise sigma ~ U(0, 0.5) or patch masking)
+    # the same network and budget, trained on corrupted inputs (noise sigma ~ U(0, 0.5) or patch masking).
+    # cpu, measured at sigma = 0.3 on 1,000 held-out images: 3,000 steps give +17.1 dB and 59.6% caption
+    # accuracy, 6,000 give +20.9 dB (37.3 dB) and 87.6%: short of the 95% bar (small shapes: shape 94.4%)
     "denoising_autoencoder": {
         "smoke": dict(steps=20, batch_size=32, lr=3e-3, log_every=5),
         "cpu": dict(steps=6000, batch_size=64, lr=3e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
@@ -155,8 +157,10 @@ TRAINING = {
     # chapter 04: the VAE (model sizes and KL warm-up length per preset: vae.MODEL)
     "vae": {
         "smoke": dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, grad_clip=1.0, log_every=5),
-        # cpu: 2,500 steps of 64 (KL warm-up over the first 800); 1,200 steps gave only ~26 dB PSNR
-        "cpu": dict(steps=2500, batch_size=64, lr=3e-3, warmup_steps=50, lr_schedule="cosine", grad_clip=1.0,
+        # cpu: 5,000 steps of 64 (KL warm-up over the first 800): 200 steps take 21 s on 2 idle cores, so ~9 min.
+        # Measured (1,000 test images): 2,500 steps gave 29.8 dB / 22.5% reconstruction caption accuracy and
+        # 0.443 bits/dim; 5,000 steps with the decoder's log-scale started at -4 gave 31.7 dB / 38.6% and 0.392
+        "cpu": dict(steps=5000, batch_size=64, lr=3e-3, warmup_steps=50, lr_schedule="cosine", grad_clip=1.0,
                     ema_decay=0.995, bf16=True, log_every=50),
         "full": dict(steps=10000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0,
                      ema_decay=0.999, bf16=True, log_every=100),

@@ -86,7 +86,7 @@ class VAE(nn.Module):
     """ConvEncoder -> (mu, logvar) of q(z|x); ConvDecoder -> (mean, log_scale) of p(x|z)."""
 
     def __init__(self, latent_dim=32, widths=(32, 64, 128), scale="pixel", kl_warmup_steps=0,
-                 free_bits=0.0, channels=3, resolution=32):
+                 free_bits=0.0, channels=3, resolution=32, log_scale_init=None):
         super().__init__()
         if scale not in ("pixel", "channel"):
             raise ValueError(f"scale must be 'pixel' (the decoder predicts it) or 'channel' (one learned "
@@ -95,13 +95,18 @@ class VAE(nn.Module):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
         self.config = dict(latent_dim=latent_dim, widths=list(widths), scale=scale,
                            kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, channels=channels,
-                           resolution=resolution)
+                           resolution=resolution, log_scale_init=log_scale_init)
         self.latent_dim, self.channels, self.resolution = latent_dim, channels, resolution
         self.scale, self.kl_warmup_steps, self.free_bits = scale, kl_warmup_steps, free_bits
         self.encoder = ConvEncoder(channels, resolution, tuple(widths), out_features=2 * latent_dim)
         out = 2 * channels if scale == "pixel" else channels
         self.decoder = ConvDecoder(latent_dim, out, resolution, tuple(widths))
         self.channel_log_scale = nn.Parameter(torch.full((channels,), -2.0)) if scale == "channel" else None
+        if log_scale_init is not None and scale == "pixel":
+            # start sure of every pixel (exp(-4) ~ 0.02, a few of the 256 levels) instead of at a scale of ~1:
+            # flat black areas are most of the image, and the net no longer spends its first steps shrinking it
+            with torch.no_grad():
+                self.decoder.net[-1].bias[channels:].fill_(log_scale_init)
         self.register_buffer("train_step", torch.zeros(()))  # steps trained: drives the KL warm-up
 
     def encode(self, x):
@@ -245,14 +250,97 @@ def traverse(model, z, dims, values):
     return model.decode(rows)[0].clamp(-1, 1)
 
 
+# ----------------------------------------------------------------------------- a learned prior
+
+class MixturePrior(nn.Module):
+    """A prior fitted AFTER training to where the encoder actually puts images (the "aggregate posterior"):
+
+        p(z) = sum_k w_k N(z; m_k, diag(v_k)),   fitted by EM to the posterior means of training images.
+
+    N(0, I) and the aggregate posterior never match exactly: between the clusters of real codes lie
+    "holes" that no training image maps to, and the decoder draws nonsense there. Sampling z from a
+    density fitted to real codes avoids the holes (Ghosh et al. 2020 call it ex-post density
+    estimation). DALL-E 2 has the same problem and solution at scale: its *prior* is a model of where
+    real CLIP image embeddings lie."""
+
+    def __init__(self, log_weights, means, variances):
+        super().__init__()
+        k, d = means.shape
+        if log_weights.shape != (k,) or variances.shape != (k, d):
+            raise ValueError(f"MixturePrior: log_weights {tuple(log_weights.shape)}, means {tuple(means.shape)} and "
+                             f"variances {tuple(variances.shape)} do not describe one mixture of (k, d) = ({k}, {d})")
+        self.register_buffer("log_weights", log_weights.float())
+        self.register_buffer("means", means.float())
+        self.register_buffer("variances", variances.float())
+
+    def component_log_probs(self, z):
+        """log w_k + log N(z_n; m_k, diag(v_k)) for every code and component: (N, k)."""
+        expect_latents(z, self.means.shape[1], "MixturePrior")
+        z, m, inv_v = z.double(), self.means.double(), 1 / self.variances.double()
+        # sum_d (z - m)^2 / v, expanded into matrix products: no (N, k, d) tensor
+        squared = z.pow(2) @ inv_v.T - 2 * z @ (m * inv_v).T + (m.pow(2) * inv_v).sum(1)
+        log_normal = -0.5 * (squared - inv_v.log().sum(1) + m.shape[1] * math.log(2 * math.pi))
+        return (self.log_weights.double() + log_normal).float()                  # (N, k)
+
+    def log_prob(self, z):
+        """log p(z) for codes z (N, d)."""
+        return torch.logsumexp(self.component_log_probs(z), 1)
+
+    @classmethod
+    def fit(cls, z, k=256, iters=40, seed=0, min_variance=1e-4):
+        """EM for a diagonal Gaussian mixture on codes z (N, d), started from k random codes."""
+        if not isinstance(z, torch.Tensor) or z.ndim != 2:
+            raise ValueError(f"MixturePrior.fit: codes must be a (N, d) tensor, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if not 1 <= k <= len(z):
+            raise ValueError(f"MixturePrior.fit: k must be between 1 and the number of codes ({len(z)}), got {k}")
+        z = z.float()
+        start = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:k]
+        prior = cls(torch.full((k,), -math.log(k)), z[start].clone(), z.var(0).expand(k, -1).clone())
+        for _ in range(iters):
+            r = torch.softmax(prior.component_log_probs(z), 1)                   # E: responsibilities (N, k)
+            n_k = r.sum(0) + 1e-8                                                # M: weighted counts, means, variances
+            means = r.T @ z / n_k[:, None]
+            variances = (r.T @ z.pow(2) / n_k[:, None] - means.pow(2)).clamp_min(min_variance)
+            prior = cls((n_k / len(z)).log(), means, variances)
+        return prior
+
+    @torch.no_grad()
+    def sample(self, n, seed=0):
+        """n codes: pick a component with probability w_k, then z = m_k + sqrt(v_k) * eps."""
+        g = torch.Generator().manual_seed(seed)
+        k = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=g)
+        eps = torch.randn(n, self.means.shape[1], generator=g)
+        return (self.means.cpu()[k] + self.variances.cpu()[k].sqrt() * eps).to(self.means.device)
+
+
+@torch.no_grad()
+def posterior_means(model, images, batch_size=500):
+    """The codes mu(x) of images (N, C, R, R): (N, latent_dim) CPU floats."""
+    return in_batches(lambda x: model.encode(x)[0], images, next(model.parameters()).device, batch_size)
+
+
+def fit_mixture_prior(model, images, k=256, seed=0):
+    """A MixturePrior fitted to the posterior means of `images` (N, C, R, R) under `model`."""
+    return MixturePrior.fit(posterior_means(model, images), k=k, seed=seed)
+
+
+@torch.no_grad()
+def sample_with_prior(model, prior, n, seed=0):
+    """n images decoded (mean, in [-1, 1]) from codes drawn from a learned prior instead of N(0, I)."""
+    z = prior.sample(n, seed).to(next(model.parameters()).device)
+    return in_batches(lambda c: model.decode(c)[0].clamp(-1, 1), z, z.device, 500)
+
+
 # ----------------------------------------------------------------------------- the zoo recipe
 
 # model per preset (the training budgets are presets.TRAINING["vae"])
 # cpu: the small widths buy ~3x more steps than (32, 64, 128) in the same time, which mattered more here
-MODEL = {"smoke": dict(latent_dim=16, widths=(16, 32, 64), kl_warmup_steps=10),
-         "cpu": dict(latent_dim=32, widths=(16, 32, 64), kl_warmup_steps=800),
-         "full": dict(latent_dim=32, widths=(32, 64, 128), kl_warmup_steps=3000)}
+MODEL = {"smoke": dict(latent_dim=16, widths=(16, 32, 64), kl_warmup_steps=10, log_scale_init=-4.0),
+         "cpu": dict(latent_dim=32, widths=(16, 32, 64), kl_warmup_steps=800, log_scale_init=-4.0),
+         "full": dict(latent_dim=32, widths=(32, 64, 128), kl_warmup_steps=3000, log_scale_init=-4.0)}
 REPORT_IMAGES = 1000   # held-out test images behind every reported number
+PRIOR_IMAGES, PRIOR_COMPONENTS = 20_000, 1024   # the recipe's MixturePrior: 1,024 Gaussians on 20k training codes
 
 
 def _build(preset):
@@ -272,18 +360,29 @@ def _sample(model, prompts, n, seed):
     return model.sample(n, seed)
 
 
+def fit_recipe_prior(model):
+    """The recipe's MixturePrior: PRIOR_COMPONENTS Gaussians fitted to the codes of PRIOR_IMAGES training images."""
+    from . import data
+    images = data.ShapesDataset(PRIOR_IMAGES, "train", seed=0).get_batch(torch.arange(PRIOR_IMAGES))["image"]
+    return fit_mixture_prior(model, images, k=PRIOR_COMPONENTS)
+
+
 def report(model, n=REPORT_IMAGES, seed=1000):
     """Measured on n held-out test images: reconstruction PSNR and oracle caption accuracy (from the
-    posterior mean), ELBO in bits/dim (discretized likelihood: real bits/dim of 8-bit pixels), active units."""
+    posterior mean), ELBO in bits/dim (discretized likelihood: real bits/dim of 8-bit pixels), active units;
+    and the oracle validity of n samples drawn with the learned MixturePrior instead of N(0, I)."""
     from . import data
+    from .oracle import load_oracle, read
     from .scoreboard import score_reconstructions
     test = data.ShapesDataset(n, "test", seed=seed)
     images = test.get_batch(torch.arange(n))["image"]
     recon = in_batches(model.reconstruct, images, next(model.parameters()).device, batch_size=250)
     numbers = score_reconstructions(recon, images, test.scenes.captions)
     held_out = evaluate(model, images, seed=seed)
+    learned = sample_with_prior(model, fit_recipe_prior(model), n, seed=seed)
     return {**numbers, **{k: held_out[k] for k in ("elbo_bits_per_dim", "nll_bits_per_dim",
-                                                    "kl_bits_per_dim", "kl_nats", "active_units")}}
+                                                    "kl_bits_per_dim", "kl_nats", "active_units")},
+            "mixture_prior_validity": read(load_oracle(), learned).valid.float().mean().item()}
 
 
 def _register():

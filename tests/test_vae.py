@@ -212,3 +212,62 @@ def test_recipe_round_trip_at_smoke(tmp_path):
     numbers = vae.report(model, n=40)
     for key in ("psnr", "recon_caption_accuracy", "recon_validity", "elbo_bits_per_dim", "active_units"):
         assert key in numbers
+
+
+# ----------------------------------------------------------------------------- the learned prior
+
+def _two_clusters(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randn(n // 4, 2, generator=g) * 0.1 + torch.tensor([3.0, 0.0])       # weight 1/4
+    second = torch.randn(3 * n // 4, 2, generator=g) * 0.3 + torch.tensor([-2.0, 1.0])  # weight 3/4
+    return torch.cat([first, second])
+
+
+def test_mixture_prior_log_prob_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.log_softmax(torch.randn(5, generator=g), 0)
+    means, variances = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.1
+    prior = vae.MixturePrior(log_w, means, variances)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=log_w),
+        torch.distributions.Independent(torch.distributions.Normal(means, variances.sqrt()), 1))
+    z = torch.randn(50, 3, generator=g) * 2
+    assert torch.allclose(prior.log_prob(z), reference.log_prob(z), atol=1e-4)
+
+
+def test_mixture_prior_em_recovers_two_clusters_and_samples_like_them():
+    prior = vae.MixturePrior.fit(_two_clusters(), k=2, iters=30)
+    order = prior.means[:, 0].argsort(descending=True)           # the cluster at x = 3 first
+    assert torch.allclose(prior.means[order], torch.tensor([[3.0, 0.0], [-2.0, 1.0]]), atol=0.05)
+    assert torch.allclose(prior.log_weights.exp()[order], torch.tensor([0.25, 0.75]), atol=0.02)
+    assert torch.allclose(prior.variances[order].sqrt(), torch.tensor([[0.1, 0.1], [0.3, 0.3]]), atol=0.03)
+    z = prior.sample(4000, seed=1)
+    assert z.shape == (4000, 2) and torch.equal(z, prior.sample(4000, seed=1))
+    assert abs((z[:, 0] > 0.5).float().mean().item() - 0.25) < 0.03
+    # EM never lowers the likelihood it maximises
+    data = _two_clusters()
+    one, many = vae.MixturePrior.fit(data, k=2, iters=1), vae.MixturePrior.fit(data, k=2, iters=30)
+    assert many.log_prob(data).mean() >= one.log_prob(data).mean()
+
+
+def test_mixture_prior_bad_input_is_named():
+    with pytest.raises(ValueError, match="k must be between 1 and the number of codes"):
+        vae.MixturePrior.fit(torch.randn(10, 2), k=20)
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        vae.MixturePrior.fit(torch.randn(10))
+    prior = vae.MixturePrior.fit(torch.randn(100, 4), k=3)
+    with pytest.raises(ValueError, match="MixturePrior"):
+        prior.log_prob(torch.randn(5, 3))
+
+
+def test_sample_with_prior_decodes_codes_from_the_fitted_mixture():
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=4, widths=(8, 16), log_scale_init=-4.0).eval()
+    images = torch.rand(64, 3, 32, 32) * 2 - 1
+    prior = vae.fit_mixture_prior(model, images, k=4)
+    assert prior.means.shape == (4, 4)
+    out = vae.sample_with_prior(model, prior, 10, seed=3)
+    assert out.shape == (10, 3, 32, 32) and out.abs().max() <= 1
+    assert torch.equal(out, vae.sample_with_prior(model, prior, 10, seed=3))
+    # the log-scale start: every pixel's scale begins near exp(-4)
+    assert model.decode(torch.zeros(2, 4))[1].mean().item() == pytest.approx(-4.0, abs=0.5)
