@@ -26,9 +26,10 @@ def _sample(args):
 
 
 def _evaluate(args):
-    from .scoreboard import benchmark, format_table
+    from .scoreboard import benchmark, format_other_numbers, format_table
     row = benchmark(args.name, args.preset, args.n, args.split, args.seed, args.scoreboard)
     print(format_table([row]))
+    print(format_other_numbers(row))
     if args.json:
         from .checkpoint import atomic_write_json
         atomic_write_json(args.json, row)

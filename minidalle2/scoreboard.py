@@ -174,6 +174,12 @@ def format_table(rows, columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
+def format_other_numbers(row, columns=COLUMNS) -> str:
+    """The row's numbers that the table has no column for (a CLIP's R@1, a VAE's ELBO...), one per line."""
+    return "\n".join(f"{k}: {v:.4g}" for k, v in sorted(row.items())
+                     if k not in columns and isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 # ----------------------------------------------------------------------------- benchmark command
 
 def generate(name, preset, n, prompts=None, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidalle2 import data
-from minidalle2.scoreboard import add_row, format_table, load_rows, reference_images, score
+from minidalle2.scoreboard import add_row, format_other_numbers, format_table, load_rows, reference_images, score
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,10 @@ def test_rows_round_trip(tmp_path):
     assert rows[0]["caption_accuracy"] == 1.0 and "caption_accuracy" not in rows[1]
     table = format_table(rows)
     assert "| real | smoke | 10 | 1 | 0.99 |" in table and "| gan | cpu | 10 | - | 0.5 |" in table
+    # numbers with no column (a CLIP's retrieval, a VAE's ELBO) are listed under the table, text is not
+    extra = format_other_numbers({"model": "clip", "n": 256, "r1_text_to_image": 0.77, "active_units": 32,
+                                  "machine": "x", "sample_seconds": None})
+    assert extra.splitlines() == ["active_units: 32", "r1_text_to_image: 0.77"]
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="line 3"):
         load_rows(path)
