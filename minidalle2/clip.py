@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .nn import expect_images
+from .nn import expect_images, in_batches
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)   # tau = 0.07 at the start (CLIP)
 MAX_LOGIT_SCALE = math.log(100)         # 1 / tau <= 100
@@ -307,9 +307,8 @@ def class_embeddings(model, attribute):
     return flat.view(len(prompts), len(prompts[0]), -1)
 
 
-@torch.no_grad()
 def encode_images(model, images, batch_size=500):
-    return torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).cpu()
+    return in_batches(model.encode_image, images, model.device, batch_size)
 
 
 @torch.no_grad()
