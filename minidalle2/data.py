@@ -66,6 +66,29 @@ def triple_id(shape, color, size):
     return (shape * len(COLORS) + color) * len(SIZES) + size
 
 
+def pair_id(shape, color):
+    """Index of a (shape, color) pair in 0..29: the class label of chapters 09-11; ints or tensors."""
+    return shape * len(COLORS) + color
+
+
+NUM_PAIRS = len(SHAPES) * len(COLORS)
+
+
+def pair_caption(pair):
+    """The shortest caption of class `pair`: 'a red circle'."""
+    if not 0 <= int(pair) < NUM_PAIRS:
+        raise ValueError(f"class id out of range: {pair!r} is not in [0, {NUM_PAIRS})")
+    shape, color = divmod(int(pair), len(COLORS))
+    return f"a {COLORS[color]} {SHAPES[shape]}"
+
+
+def pair_prompts(n, seed=0):
+    """n class ids, every class equally often (in a seeded random order), and their captions."""
+    g = torch.Generator().manual_seed(seed)
+    classes = (torch.arange(n) % NUM_PAIRS)[torch.randperm(n, generator=g)]
+    return classes, [pair_caption(c) for c in classes.tolist()]
+
+
 HELD_OUT_IDS = tuple(triple_id(SHAPES.index(s), COLORS.index(c), SIZES.index(z)) for s, c, z in HELD_OUT)
 
 

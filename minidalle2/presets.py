@@ -44,6 +44,7 @@ class TrainConfig:
     lr_schedule: str = "constant"       # "constant" or "cosine" (to zero), after the warm-up
     grad_clip: float | None = None      # max global grad norm; None = no clipping
     ema_decay: float | None = None      # e.g. 0.999; None = no EMA copy
+    ema_warmup: bool = False            # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (train.ema_warmup_fn)
     bf16: bool = False                  # bfloat16 autocast (CPU and CUDA): ~2x faster on CPU
     betas: tuple = (0.9, 0.999)
     seed: int = 0
@@ -74,6 +75,7 @@ class TrainConfig:
         need(self.ema_decay is None or (is_num(self.ema_decay) and 0 < self.ema_decay < 1),
              f"ema_decay must be None or in (0, 1), got {self.ema_decay!r}")
         need(isinstance(self.bf16, bool), f"bf16 must be True or False, got {self.bf16!r}")
+        need(isinstance(self.ema_warmup, bool), f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         self.betas = tuple(self.betas)  # JSON gives lists back; keep one canonical form
         need(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -87,6 +89,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if not self.ema_warmup:  # left out when off, so caches of recipes older than the option stay valid
+            del d["ema_warmup"]
         return d
 
     def replace(self, **changes) -> "TrainConfig":
@@ -180,6 +184,30 @@ TRAINING = {
                     lr_schedule="cosine", grad_clip=1.0, bf16=True, log_every=25),
         "full": dict(steps=5000, batch_size=512, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_steps=250,
                      lr_schedule="cosine", grad_clip=1.0, bf16=True, log_every=100),
+    },
+    # chapters 09 and 11: the diffusion U-Net (ddpm.NET: 2.9M parameters at cpu, patch 2) on one-object scenes,
+    # v-prediction with min-SNR weighting (ddpm.PROCESS). cpu: see the measurements in notebook 09's header
+    "ddpm": {
+        "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
+        "cpu": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                    ema_decay=0.998, ema_warmup=True, bf16=True, log_every=50),
+        "full": dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
+                     ema_decay=0.9995, ema_warmup=True, bf16=True, log_every=200),
+    },
+    "cfg": {
+        "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
+        "cpu": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                    ema_decay=0.998, ema_warmup=True, bf16=True, log_every=50),
+        "full": dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
+                     ema_decay=0.9995, ema_warmup=True, bf16=True, log_every=200),
+    },
+    # chapter 10: the noise-aware classifier (guidance.CLASSIFIER_NET: the U-Net's down path + a linear head)
+    "noisy_classifier": {
+        "smoke": dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=5),
+        "cpu": dict(steps=3000, batch_size=64, lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_schedule="cosine",
+                    grad_clip=1.0, bf16=True, log_every=50),
+        "full": dict(steps=10000, batch_size=128, lr=1e-3, weight_decay=0.01, warmup_steps=200, lr_schedule="cosine",
+                     grad_clip=1.0, bf16=True, log_every=100),
     },
     # a tiny row for the tests of train.py and zoo.py
     "toy": {

@@ -92,8 +92,8 @@ def score(images, prompts=None, oracle=None, reference=None, seed=0):
     # coverage of the 30 shape x colour pairs among objects in valid images
     objects = reading.objects[reading.valid].reshape(-1, 4)
     objects = objects[objects[:, 0] >= 0]
-    pairs = objects[:, 0] * len(data.COLORS) + objects[:, 1]
-    num_pairs = len(data.SHAPES) * len(data.COLORS)
+    pairs = data.pair_id(objects[:, 0], objects[:, 1])
+    num_pairs = data.NUM_PAIRS
     report["coverage"], counts = metrics.coverage(pairs, num_pairs) if len(pairs) else (0.0, torch.zeros(num_pairs))
     report["coverage_entropy"] = metrics.normalized_entropy(counts) if len(pairs) else 0.0
 
@@ -212,7 +212,10 @@ def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
     recipe = None if name == "real" else zoo.get_recipe(name)
     report, sample_seconds, train_seconds = {}, None, None
     if recipe is None or recipe.sample is not None:
-        prompts = data.sample_scenes(n, split, seed=seed + 100).captions
+        if recipe is not None and recipe.prompts is not None:  # e.g. class prompts for a class-conditional model
+            prompts = recipe.prompts(n, seed + 100)
+        else:
+            prompts = data.sample_scenes(n, split, seed=seed + 100).captions
         if recipe is not None:
             zoo.load_or_train(name, preset)  # train (or load) first: the clock below times sampling only
         start = time.perf_counter()

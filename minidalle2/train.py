@@ -148,6 +148,16 @@ def to_device(obj, device):
     return obj
 
 
+def ema_warmup_fn(decay):
+    """EMA with a warm-up (as diffusers' EMAModel): after n updates the decay is min(decay, (1 + n) / (10 + n)),
+    so a short run's average is not dominated by the random initial weights (0.998^500 = 37% of them)."""
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        d = min(decay, (1 + int(num_averaged)) / (10 + int(num_averaged)))
+        torch._foreach_lerp_(ema_params, params, 1 - d)       # ema = d ema + (1 - d) param
+    return update
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -257,7 +267,13 @@ class _LossModule(nn.Module):
 # -----------------------------------------------------------------------------
 
 def train(model, loss_fn, dataset, config: TrainConfig, *, run_dir=None, kind="model", resume=True,
-          on_log=None, progress=None) -> TrainResult:
+          on_log=None, progress=None, snapshot=None) -> TrainResult:
+    """Train `model` on loss_fn(model, batch) -> loss or (loss, metrics) with the knobs of `config`.
+
+    on_log(entry) is called every config.log_every steps. snapshot = (every, fn): fn(step, seconds,
+    sample_model) is called every `every` steps with the model one would sample from (the EMA copy if
+    any), for time-to-quality curves; the numbers it returns (a dict, or None) join that step's history
+    entry as eval_<name>, and the time it takes is not counted as training time."""
     n = len(dataset)
     if n == 0:
         raise ValueError("train: the dataset is empty")
@@ -268,20 +284,21 @@ def train(model, loss_fn, dataset, config: TrainConfig, *, run_dir=None, kind="m
     device, created_group = setup_distributed(pick_device(config.device))
     try:
         return _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log,
-                      _SHOW_PROGRESS if progress is None else progress)
+                      _SHOW_PROGRESS if progress is None else progress, snapshot)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log, progress):
+def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log, progress, snapshot):
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     if config.batch_size % world:
         raise ValueError(f"train: batch_size {config.batch_size} does not split over {world} processes")
     model.to(device).train()
     ema = None
     if config.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        average = ema_warmup_fn(config.ema_decay) if config.ema_warmup else get_ema_multi_avg_fn(config.ema_decay)
+        ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     forward = functools.partial(loss_fn, model)
@@ -350,6 +367,13 @@ def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_lo
                 bar.set_postfix(loss=f"{loss_value:.4g}")
                 if on_log is not None:
                     on_log(entry)
+            if snapshot is not None and rank == 0 and step % snapshot[0] == 0:
+                started = time.perf_counter()
+                measured = snapshot[1](step, seconds, ema.module if ema is not None else model)
+                if measured:   # kept in the history beside the loss, e.g. eval_validity at this step
+                    entry.update({f"eval_{k}": float(v) for k, v in measured.items()})
+                model.train()
+                t0 += time.perf_counter() - started      # snapshot time is not training time
             if state_path is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_state()
                 saved_step = step

@@ -33,7 +33,8 @@ from .train import (TrainResult, barrier, derive_seed, is_main_process, pick_dev
 
 CACHE_ENV = "MINIDALLE2_CACHE"
 # modules that register recipes, imported on the first lookup (not at import: they are heavy)
-_RECIPE_MODULES = ["minidalle2.oracle", "minidalle2.gan", "minidalle2.autoencoder", "minidalle2.vae", "minidalle2.clip"]
+_RECIPE_MODULES = ["minidalle2.oracle", "minidalle2.gan", "minidalle2.autoencoder", "minidalle2.vae", "minidalle2.clip",
+                   "minidalle2.ddpm", "minidalle2.guidance"]
 
 
 class ZooError(RuntimeError):
@@ -53,6 +54,8 @@ class Recipe:
     # generators: (model, prompts or None, n, seed) -> images (n, 3, R, R) in [-1, 1]
     sample: Callable | None = None
     conditional: bool = False     # does `sample` take prompts?
+    # (n, seed) -> the n prompts the benchmark scores it on; default: captions of the split (any scene)
+    prompts: Callable | None = None
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -165,9 +168,11 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
 
 
 def _thin(history, points=500):
-    """At most ~`points` entries of a training history (every k-th step, and the last): enough for curves."""
+    """At most ~`points` entries of a training history (every k-th step, the last, and every entry with
+    eval_ numbers from a snapshot): enough for curves."""
     k = max(1, -(-len(history) // points))  # ceil
-    return [h for i, h in enumerate(history) if i % k == 0 or i == len(history) - 1]
+    return [h for i, h in enumerate(history)
+            if i % k == 0 or i == len(history) - 1 or any(key.startswith("eval_") for key in h)]
 
 
 def training_history(name: str, preset=None, *, cache=None) -> list[dict]:

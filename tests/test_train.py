@@ -162,6 +162,36 @@ def test_ema_matches_hand_computation():
     assert not torch.equal(ema["net.0.weight"], w2["net.0.weight"])
 
 
+def test_ema_warmup_uses_the_short_decay_first():
+    cfg = config(steps=3, seed=5)
+    w = [weights(train(fresh(), mse, make_dataset(), cfg.replace(steps=k), progress=False).model) for k in (1, 2, 3)]
+    result = train(fresh(), mse, make_dataset(), cfg.replace(ema_decay=0.99, ema_warmup=True), progress=False)
+    ema = weights(result.ema_model)
+    d2, d3 = 2 / 11, 3 / 12                      # min(0.99, (1 + n) / (10 + n)) after n = 1, 2 updates
+    for k in w[0]:
+        if w[0][k].is_floating_point():
+            expected = d3 * (d2 * w[0][k] + (1 - d2) * w[1][k]) + (1 - d3) * w[2][k]
+            assert torch.allclose(ema[k], expected, atol=1e-6), k
+    assert "ema_warmup" not in cfg.to_dict() and cfg.replace(ema_warmup=True).to_dict()["ema_warmup"] is True
+
+
+def test_snapshots_are_recorded_in_the_history_and_not_timed():
+    import time
+    calls = []
+
+    def snapshot(step, seconds, model):
+        calls.append((step, model.training))
+        time.sleep(0.3)
+        return {"score": step / 10}
+
+    result = train(fresh(), mse, make_dataset(), config(steps=20, ema_decay=0.9), progress=False,
+                   snapshot=(10, snapshot))
+    assert [c[0] for c in calls] == [10, 20]
+    assert [h["eval_score"] for h in result.history if "eval_score" in h] == [1.0, 2.0]
+    assert [h["step"] for h in result.history if "eval_score" in h] == [10, 20]
+    assert result.seconds < 0.3          # 20 tiny steps; the 0.6 s of snapshots are not training time
+
+
 def test_warmup_then_cosine_lr():
     cfg = config(steps=10, warmup_steps=4, lr_schedule="cosine", lr=1e-3)
     lrs = [h["lr"] for h in train(fresh(), mse, make_dataset(), cfg, progress=False).history]

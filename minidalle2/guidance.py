@@ -1,0 +1,215 @@
+"""
+Chapters 10-11: steering a diffusion model towards a class -- classifier guidance and classifier-free guidance.
+
+Classifier guidance (Dhariwal & Nichol 2021). Bayes: log p(x_t | y) = log p(x_t) + log p(y | x_t) + const,
+so the score of the class-conditional model is the unconditional score plus the gradient of a classifier
+that reads noisy images. The score is -eps / sqrt(1 - abar_t), hence the guided noise prediction
+
+    eps' = eps - s sqrt(1 - abar_t) grad_{x_t} log p_phi(y | x_t, t)        (s: the guidance scale)
+
+We use this one rule for both samplers: it is the paper's DDIM rule (its Algorithm 2), and for DDPM it
+moves the reverse mean by s (beta_t / sqrt(alpha_t)) grad log p, which is the paper's Algorithm 1 shift
+s Sigma grad log p with Sigma = beta_t, up to the factor 1/sqrt(alpha_t) ~ 1. The classifier is
+NoisyClassifier, trained on (x_t, t) pairs with noisy_classifier_loss.
+
+Classifier-free guidance (Ho & Salimans 2022): one network, trained with the class replaced by a learned
+"null" class 15% of the time, predicts both eps_c = eps(x_t, y) and eps_u = eps(x_t, null), and
+
+    eps' = eps_u + w (eps_c - eps_u)        w = 0: unconditional, w = 1: conditional, w > 1: guided
+
+(diffusion.guided_prediction; the convention of Ho & Salimans' 1 + w is our w). Both trade diversity
+for fidelity; `guidance_sweep` measures the trade with the oracle, never with the guiding classifier.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import data, ddpm
+from .diffusion import _check_scale, predict_x0_eps, q_sample, training_target
+from .unet import NoisyClassifier
+
+# ----------------------------------------------------------------------------- classifier guidance
+
+
+def class_log_prob_gradient(classifier, x_t, t, y):
+    """grad_{x_t} log p(y | x_t, t), one gradient per image (the images do not interact)."""
+    with torch.enable_grad():
+        x = x_t.detach().float().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x, t).float(), dim=-1)
+        chosen = log_probs[torch.arange(len(y)), y.to(log_probs.device)].sum()
+        return torch.autograd.grad(chosen, x)[0]
+
+
+def classifier_guidance(classifier, schedule, classes, scale, prediction="eps"):
+    """A guidance callable for diffusion.sample: turns the network's prediction into the guided one,
+    eps' = eps - s sqrt(1 - abar_t) grad log p(y | x_t), in the network's own units (eps, x0 or v)."""
+    _check_scale(scale, "classifier guidance scale")
+    classes = _check_classes(classes, classifier.num_classes)
+
+    def guide(x_t, t, pred):
+        if scale == 0:
+            return pred
+        if len(x_t) != len(classes):
+            raise ValueError(f"classifier guidance was given {len(classes)} classes for a batch of {len(x_t)}")
+        _, eps = predict_x0_eps(schedule, x_t, t, pred, prediction)
+        abar = schedule.alphas_cumprod[t.cpu()].to(x_t).reshape(-1, 1, 1, 1)
+        eps = eps - scale * (1 - abar).sqrt() * class_log_prob_gradient(classifier, x_t, t, classes)
+        x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()          # the x0 this eps implies at x_t
+        return training_target(schedule, x0, eps, t, prediction)
+
+    return guide
+
+
+def _check_classes(classes, num_classes):
+    classes = torch.as_tensor(classes)
+    if classes.ndim != 1 or classes.is_floating_point():
+        raise ValueError(f"classes must be a 1-D tensor of integer class ids, got {tuple(classes.shape)} {classes.dtype}")
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ValueError(f"class id out of range: got values in [{int(classes.min())}, {int(classes.max())}], "
+                         f"classes are 0 .. {num_classes - 1}")
+    return classes.long()
+
+
+@torch.no_grad()
+def classifier_guided_generate(model, classifier, classes, scale, steps=ddpm.SAMPLE_STEPS, seed=0, batch_size=500,
+                               progress=False):
+    """Images of `classes` from the unconditional `model`, guided by the noisy `classifier` at `scale`."""
+    classes = _check_classes(classes, classifier.num_classes)
+    classifier.eval()
+    out = []
+    for start in range(0, len(classes), batch_size):
+        part = classes[start:start + batch_size]
+        guide = classifier_guidance(classifier, model.schedule, part, scale, model.prediction)
+        out.append(model.generate(len(part), guidance=guide, steps=steps, seed=seed + start, progress=progress))
+    return torch.cat(out)
+
+
+def noisy_classifier_loss(classifier, batch, schedule):
+    """Cross-entropy of the class (shape x colour) from x_t at a random t: the classifier guidance needs."""
+    x0 = batch["image"]
+    y = ddpm.class_batch(batch)["cond"].to(x0.device)
+    t = torch.randint(0, schedule.T, (len(x0),))
+    x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
+    logits = classifier(x_t, t.to(x0.device)).float()
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+@torch.no_grad()
+def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
+    """The noisy classifier's accuracy on n test images per range of t (quartiles by default):
+    {"t 0-249": ..., ...}. Near t = T the image is gone, so chance (1/30) is all it can do."""
+    was_training = classifier.training
+    classifier.eval()
+    test = data.ShapesDataset(n, "test", seed=seed, num_objects=1)
+    batch = test.get_batch(torch.arange(n))
+    y = ddpm.class_batch(batch)["cond"]
+    g = torch.Generator().manual_seed(seed)
+    out, edges = {}, [round(i * schedule.T / bins) for i in range(bins + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        t = torch.randint(lo, hi, (n,), generator=g)
+        x_t = q_sample(schedule, batch["image"], t, torch.randn(batch["image"].shape, generator=g))
+        logits = torch.cat([classifier(x_t[i:i + 500], t[i:i + 500]) for i in range(0, n, 500)])
+        out[f"t {lo}-{hi - 1}"] = (logits.argmax(-1) == y).float().mean().item()
+    classifier.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring the trade-off
+
+def classes_from_prompts(prompts):
+    """Class ids of one-object prompts that name a shape and a colour ('a red circle'); a clear error otherwise."""
+    ids = []
+    for p in prompts:
+        parsed = data.parse_caption(p) if isinstance(p, str) else p
+        if len(parsed.objects) != 1 or parsed.objects[0].color is None:
+            raise ValueError(f"a class-conditional model draws one object of a given shape and colour; "
+                             f"the prompt {str(p)!r} does not name exactly that (try 'a red circle')")
+        ids.append(data.pair_id(parsed.objects[0].shape, parsed.objects[0].color))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def guidance_sweep(generate, scales, n=300, seed=0, oracle=None):
+    """For each scale: images = generate(classes, scale) for n balanced classes, scored by the oracle
+    against the class captions. Rows: scale, caption_accuracy, attr_shape, attr_color, diversity_per_prompt,
+    coverage, validity, fid, sample_seconds."""
+    from .scoreboard import score
+    classes, prompts = data.pair_prompts(n, seed)
+    rows = []
+    for scale in scales:
+        start = time.perf_counter()
+        images = generate(classes, scale)
+        seconds = time.perf_counter() - start
+        report = score(images, prompts, oracle=oracle, seed=seed)
+        rows.append({"scale": scale, **report, "sample_seconds": seconds})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the zoo recipes
+
+CLASSIFIER_NET = {"smoke": dict(widths=[16, 32], patch_size=2),
+                  "cpu": dict(widths=[32, 64, 64], patch_size=2),
+                  "full": dict(widths=[64, 128, 128], patch_size=1)}
+P_UNCOND = 0.15
+# the scales the benchmark rows use, chosen by the chapter's sweeps (notebooks 10 and 11)
+CLASSIFIER_SCALE = 4.0
+CFG_SCALE = 3.0
+
+
+def build_classifier(preset="cpu"):
+    return NoisyClassifier(num_classes=data.NUM_PAIRS, num_timesteps=ddpm.PROCESS["T"], **CLASSIFIER_NET[preset])
+
+
+def classifier_schedule():
+    """The diffusion process of the "ddpm" recipe: the classifier must see the noise that model samples through."""
+    from .diffusion import Schedule
+    return Schedule(ddpm.PROCESS["schedule"], ddpm.PROCESS["T"])
+
+
+def fit_classifier(model, preset, run_dir=None):
+    from .presets import train_config
+    from .train import train
+    loss = lambda m, b: noisy_classifier_loss(m, b, classifier_schedule())
+    return train(model, loss, ddpm.shapes_dataset(preset), train_config("noisy_classifier", preset),
+                 run_dir=run_dir, kind="noisy_classifier")
+
+
+def _zoo_preset(model):
+    return next(p for p, net in CLASSIFIER_NET.items() if net["widths"] == model.config["widths"])
+
+
+def sample_classifier_guided(classifier, prompts, n, seed):
+    from . import zoo
+    diffusion_model = zoo.load_or_train("ddpm", _zoo_preset(classifier))
+    return classifier_guided_generate(diffusion_model, classifier, classes_from_prompts(prompts), CLASSIFIER_SCALE,
+                                      seed=seed)
+
+
+def build_cfg(preset="cpu"):
+    return ddpm.build(preset, num_classes=data.NUM_PAIRS, p_uncond=P_UNCOND)
+
+
+def fit_cfg(model, preset, run_dir=None):
+    return ddpm.fit(model, preset, run_dir, recipe="cfg", loss=ddpm.class_loss, guidance=CFG_SCALE)
+
+
+def sample_cfg(model, prompts, n, seed):
+    return model.generate(n, cond=classes_from_prompts(prompts), guidance=CFG_SCALE, steps=ddpm.SAMPLE_STEPS, seed=seed)
+
+
+def _register():
+    from . import zoo
+    prompts = lambda n, seed: data.pair_prompts(n, seed)[1]
+    zoo.register(zoo.Recipe(
+        "classifier_guidance", "noisy_classifier", build_classifier, fit_classifier, conditional=True,
+        sample=sample_classifier_guided, prompts=prompts, training="noisy_classifier",
+        report=lambda m: {f"classifier_accuracy {k}": v for k, v in accuracy_by_timestep(m, classifier_schedule()).items()},
+        description=f"noisy classifier p(y | x_t, t) guiding the 'ddpm' model at scale {CLASSIFIER_SCALE}"))
+    zoo.register(zoo.Recipe(
+        "cfg", "diffusion", build_cfg, fit_cfg, sample=sample_cfg, conditional=True, prompts=prompts,
+        description=f"class-conditional DDPM with condition dropout {P_UNCOND}, sampled with CFG w = {CFG_SCALE}"))
+
+
+_register()

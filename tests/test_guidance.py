@@ -1,0 +1,207 @@
+"""Chapters 09-11: DiffusionModel (ddpm.py), classifier guidance and CFG (guidance.py). Math and behaviour."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minidalle2 import data, ddpm, diffusion, guidance
+from minidalle2.checkpoint import load_model, save_model
+from minidalle2.unet import NoisyClassifier
+
+TINY = dict(widths=[8, 16], patch_size=2, attention_levels=[1])
+
+
+def tiny_model(**kwargs):
+    torch.manual_seed(0)
+    return ddpm.DiffusionModel(TINY | {"num_classes": kwargs.pop("num_classes", None)}, **kwargs)
+
+
+class LinearClassifier(nn.Module):
+    """logits = W flatten(x): grad_x log softmax(Wx)_y = W_y - sum_k p_k W_k, in closed form."""
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.weight = nn.Parameter(torch.randn(3, 3 * 32 * 32) * 0.01)
+
+    def forward(self, x, t):
+        return x.flatten(1) @ self.weight.T
+
+
+# ----------------------------------------------------------------------------- DiffusionModel
+
+def test_config_round_trip_rebuilds_the_same_model(tmp_path):
+    model = tiny_model(prediction="v", weighting="min_snr", num_classes=30, p_uncond=0.1)
+    save_model(model, tmp_path / "m", "diffusion")
+    loaded = load_model(tmp_path / "m", lambda **config: ddpm.DiffusionModel(**config), "diffusion")
+    assert loaded.prediction == "v" and loaded.weighting == "min_snr" and loaded.p_uncond == 0.1
+    x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([3, 900]), torch.tensor([0, 29])
+    torch.testing.assert_close(loaded(x, t, c), model(x, t, c))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prediction="noise"), "prediction"), (dict(weighting="snr"), "weighting"),
+    (dict(p_uncond=1.0), "p_uncond"), (dict(p_uncond=0.1), "has none")])
+def test_bad_process_settings_are_named(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        tiny_model(**kwargs)
+
+
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_loss_is_diffusion_loss_with_the_models_settings(prediction):
+    model = tiny_model(prediction=prediction, weighting="min_snr")
+    batch = {"image": torch.rand(4, 3, 32, 32) * 2 - 1}
+    got, _ = model.loss(batch, generator=torch.Generator().manual_seed(3))
+    want, _ = diffusion.diffusion_loss(model, batch, model.schedule, prediction, "min_snr",
+                                       generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+
+
+def test_generate_is_seeded_in_range_and_batched_like_one_call():
+    model = tiny_model(prediction="v")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)  # an untrained net outputs 0; make it do something
+    a = model.generate(5, steps=4, seed=7, bf16=False)
+    b = model.generate(5, steps=4, seed=7, bf16=False)
+    assert a.shape == (5, 3, 32, 32) and a.abs().max() <= 1
+    torch.testing.assert_close(a, b)
+    in_parts = model.generate(5, steps=4, seed=7, bf16=False, batch_size=3)
+    torch.testing.assert_close(in_parts[:3], a[:3])   # the first batch is the same call
+    assert not torch.equal(model.generate(5, steps=4, seed=8, bf16=False), a)
+
+
+def test_generate_rejects_bad_input():
+    uncond, cond = tiny_model(), tiny_model(num_classes=30, p_uncond=0.1)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.generate(2, cond=torch.tensor([0, 1]), steps=2)
+    with pytest.raises(ValueError, match="positive number"):
+        uncond.generate(0, steps=2)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance scale"):
+            cond.generate(2, cond=torch.tensor([0, 1]), guidance=bad, steps=2)
+    with pytest.raises(ValueError, match="out of range"):
+        cond.generate(2, cond=torch.tensor([0, 30]), guidance=2.0, steps=2)
+    with pytest.raises(ValueError, match="steps"):
+        uncond.generate(2, steps=0)
+
+
+def test_a_conditional_model_overfits_one_batch():
+    model = tiny_model(prediction="x0", num_classes=30)
+    data_batch = ddpm.class_batch(data.ShapesDataset(8, "train", num_objects=1).get_batch(torch.arange(8)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(100):
+        loss, _ = model.loss(data_batch, generator=torch.Generator().manual_seed(0))  # the same t and noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+
+
+# ----------------------------------------------------------------------------- classifier guidance
+
+def test_log_prob_gradient_matches_the_closed_form_of_a_linear_classifier():
+    clf = LinearClassifier()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 1])
+    got = guidance.class_log_prob_gradient(clf, x, torch.zeros(4, dtype=torch.long), y)
+    w = clf.weight.detach()
+    p = torch.softmax(x.flatten(1) @ w.T, -1)
+    want = (w[y] - p @ w).reshape(x.shape)             # grad log softmax_y = W_y - E_p[W]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_classifier_guidance_shifts_eps_by_the_stated_rule_in_every_parameterisation(prediction):
+    schedule, clf = diffusion.Schedule("linear"), LinearClassifier()
+    x_t, y, s = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]), 2.5
+    t = torch.tensor([10, 500, 990])
+    pred = torch.randn_like(x_t)
+    guided = guidance.classifier_guidance(clf, schedule, y, s, prediction)(x_t, t, pred)
+    _, eps = diffusion.predict_x0_eps(schedule, x_t, t, pred, prediction)
+    _, eps_guided = diffusion.predict_x0_eps(schedule, x_t, t, guided, prediction)
+    sigma = (1 - schedule.alphas_cumprod[t]).sqrt().float().reshape(-1, 1, 1, 1)
+    want = eps - s * sigma * guidance.class_log_prob_gradient(clf, x_t, t, y)   # eps' = eps - s sqrt(1-abar) grad
+    torch.testing.assert_close(eps_guided, want, atol=1e-4, rtol=1e-4)
+
+
+def test_for_ddpm_the_rule_shifts_the_reverse_mean_by_s_beta_over_sqrt_alpha_times_the_gradient():
+    schedule, clf = diffusion.Schedule("linear"), LinearClassifier()
+    x_t, y, s, t = torch.randn(2, 3, 32, 32) * 0.3, torch.tensor([1, 2]), 3.0, 400
+    eps = torch.randn_like(x_t)
+    tt = torch.full((2,), t)
+    guided = guidance.classifier_guidance(clf, schedule, y, s, "eps")(x_t, tt, eps)
+    zero = torch.zeros_like(x_t)
+    mean = diffusion.ddpm_step(schedule, eps, t, x_t, clip_x0=False, noise=zero)[0]
+    mean_guided = diffusion.ddpm_step(schedule, guided, t, x_t, clip_x0=False, noise=zero)[0]
+    beta, alpha = schedule.betas[t].item(), 1 - schedule.betas[t].item()
+    grad = guidance.class_log_prob_gradient(clf, x_t, tt, y)
+    torch.testing.assert_close(mean_guided - mean, s * beta / math.sqrt(alpha) * grad, atol=1e-5, rtol=1e-3)
+
+
+def test_scale_zero_changes_nothing_and_bad_scales_or_classes_are_named():
+    schedule, clf = diffusion.Schedule("linear"), LinearClassifier()
+    x_t, pred, t = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.tensor([5, 6])
+    assert torch.equal(guidance.classifier_guidance(clf, schedule, torch.tensor([0, 1]), 0.0)(x_t, t, pred), pred)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="classifier guidance scale"):
+            guidance.classifier_guidance(clf, schedule, torch.tensor([0, 1]), bad)
+    with pytest.raises(ValueError, match="out of range"):
+        guidance.classifier_guidance(clf, schedule, torch.tensor([0, 3]), 1.0)
+    with pytest.raises(ValueError, match="1-D tensor of integer"):
+        guidance.classifier_guidance(clf, schedule, torch.tensor([0.5, 1.0]), 1.0)
+
+
+def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
+    model = tiny_model(prediction="v")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    clf = LinearClassifier()
+    y = torch.tensor([0, 1, 2])
+    plain = guidance.classifier_guided_generate(model, clf, y, 0.0, steps=3)
+    guided = guidance.classifier_guided_generate(model, clf, y, 50.0, steps=3)
+    assert plain.shape == guided.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(plain, model.generate(3, steps=3))   # scale 0 is the unguided sampler
+    p_plain = torch.softmax(clf(plain, None), -1)[torch.arange(3), y]
+    p_guided = torch.softmax(clf(guided, None), -1)[torch.arange(3), y]
+    assert (p_guided > p_plain).all()
+
+
+def test_noisy_classifier_loss_and_accuracy_by_timestep():
+    torch.manual_seed(0)
+    clf = NoisyClassifier(num_classes=30, widths=[8, 16], patch_size=2)
+    batch = data.ShapesDataset(16, "train", num_objects=1).get_batch(torch.arange(16))
+    loss, logs = guidance.noisy_classifier_loss(clf, batch, diffusion.Schedule("linear"))
+    assert loss.ndim == 0 and abs(loss.item() - math.log(30)) < 0.5 and 0 <= logs["accuracy"] <= 1
+    acc = guidance.accuracy_by_timestep(clf, diffusion.Schedule("linear"), n=40)
+    assert list(acc) == ["t 0-249", "t 250-499", "t 500-749", "t 750-999"]
+    assert all(0 <= v <= 1 for v in acc.values())
+
+
+# ----------------------------------------------------------------------------- classes and prompts
+
+def test_class_prompts_are_balanced_and_read_back_by_the_caption_parser():
+    classes, prompts = data.pair_prompts(90, seed=4)
+    assert torch.equal(torch.bincount(classes, minlength=30), torch.full((30,), 3))
+    assert torch.equal(guidance.classes_from_prompts(prompts), classes)
+    assert data.pair_caption(data.pair_id(2, 4)) == "a blue triangle"
+
+
+def test_prompts_a_class_model_cannot_draw_are_named():
+    for bad in ("a red circle above a blue square", "a circle"):
+        with pytest.raises(ValueError, match="one object of a given shape and colour"):
+            guidance.classes_from_prompts([bad])
+    with pytest.raises(ValueError, match="out of range"):
+        data.pair_caption(30)
+
+
+def test_guidance_sweep_scores_each_scale_with_the_oracle():
+    def exact_renders(classes, scale):    # a perfect "generator": real renders of the class captions
+        return data.render(data.scenes_from_prompts([data.pair_caption(c) for c in classes.tolist()], seed=1))
+    rows = guidance.guidance_sweep(exact_renders, [0.0, 2.0], n=60)
+    assert [r["scale"] for r in rows] == [0.0, 2.0]
+    assert all(r["caption_accuracy"] > 0.95 and "diversity_per_prompt" in r for r in rows)
