@@ -21,7 +21,7 @@ Classifier-free guidance (Ho & Salimans 2022): one network, trained with the cla
 for fidelity; `guidance_sweep` measures the trade with the oracle, never with the guiding classifier.
 """
 
-import math
+import json
 import time
 
 import torch
@@ -144,6 +144,37 @@ def guidance_sweep(generate, scales, n=300, seed=0, oracle=None):
         seconds = time.perf_counter() - start
         report = score(images, prompts, oracle=oracle, seed=seed)
         rows.append({"scale": scale, **report, "sample_seconds": seconds})
+    return rows
+
+
+SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
+SWEEP_IMAGES = {"smoke": 60, "cpu": 300, "full": 1000}
+
+
+def sweep(recipe, preset, scales=SCALES, n=None, seed=0):
+    """guidance_sweep of the zoo model `recipe` ("classifier_guidance" or "cfg") at `preset`, cached in
+    <cache>/sweeps/ beside the models it measures, so notebook 11 can plot chapter 10's sweep next to its own."""
+    from . import zoo
+    from .checkpoint import atomic_write_json, load_checkpoint
+    if recipe not in ("classifier_guidance", "cfg"):
+        raise ValueError(f"sweep: recipe must be 'classifier_guidance' or 'cfg', got {recipe!r}")
+    n = n or SWEEP_IMAGES[preset]
+    models = [recipe] + (["ddpm"] if recipe == "classifier_guidance" else [])
+    loaded = [zoo.load_or_train(name, preset) for name in models]
+    fingerprints = [load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("fingerprint") for name in models]
+    key = {"models": fingerprints, "scales": [float(s) for s in scales], "n": n, "seed": seed}
+    path = zoo.cache_dir() / "sweeps" / f"{recipe}_{preset}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["rows"]
+    if recipe == "cfg":
+        generate = lambda classes, w: loaded[0].generate(len(classes), cond=classes, guidance=w, seed=seed)
+    else:
+        generate = lambda classes, s: classifier_guided_generate(loaded[1], loaded[0], classes, s, seed=seed)
+    rows = guidance_sweep(generate, scales, n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "rows": rows})
     return rows
 
 
