@@ -97,6 +97,17 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# chapters 09 and 11: the diffusion U-Net (ddpm.NET: 2.9M parameters at cpu, patch 2) on one-object scenes, with
+# v-prediction and min-SNR weighting (ddpm.PROCESS). cpu: 3,000 steps of 64 at ~0.19 s per step on 2 idle cores
+# (~10 min); the quality they buy is measured in notebook 09's time-to-quality curve
+DIFFUSION = {
+    "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
+    "cpu": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                ema_decay=0.998, ema_warmup=True, bf16=True, log_every=50),
+    "full": dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
+                 ema_decay=0.9995, ema_warmup=True, bf16=True, log_every=200),
+}
+
 # recipe -> preset -> TrainConfig kwargs. Rows are budgets: say in a comment what they buy.
 TRAINING = {
     # the evaluation oracle. cpu: 1,500 steps reach 100% attribute accuracy on fresh renders
@@ -185,22 +196,8 @@ TRAINING = {
         "full": dict(steps=5000, batch_size=512, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_steps=250,
                      lr_schedule="cosine", grad_clip=1.0, bf16=True, log_every=100),
     },
-    # chapters 09 and 11: the diffusion U-Net (ddpm.NET: 2.9M parameters at cpu, patch 2) on one-object scenes,
-    # v-prediction with min-SNR weighting (ddpm.PROCESS). cpu: see the measurements in notebook 09's header
-    "ddpm": {
-        "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
-        "cpu": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
-                    ema_decay=0.998, ema_warmup=True, bf16=True, log_every=50),
-        "full": dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
-                     ema_decay=0.9995, ema_warmup=True, bf16=True, log_every=200),
-    },
-    "cfg": {
-        "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
-        "cpu": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
-                    ema_decay=0.998, ema_warmup=True, bf16=True, log_every=50),
-        "full": dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
-                     ema_decay=0.9995, ema_warmup=True, bf16=True, log_every=200),
-    },
+    "ddpm": DIFFUSION,         # chapter 09 (see DIFFUSION above)
+    "cfg": DIFFUSION,          # chapter 11: the same budget, for the same network with a class table
     # chapter 10: the noise-aware classifier (guidance.CLASSIFIER_NET: the U-Net's down path + a linear head)
     "noisy_classifier": {
         "smoke": dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=5),

@@ -205,3 +205,48 @@ def test_guidance_sweep_scores_each_scale_with_the_oracle():
     rows = guidance.guidance_sweep(exact_renders, [0.0, 2.0], n=60)
     assert [r["scale"] for r in rows] == [0.0, 2.0]
     assert all(r["caption_accuracy"] > 0.95 and "diversity_per_prompt" in r for r in rows)
+
+
+# ----------------------------------------------------------------------------- exercise checks
+
+from minidalle2.checks import CheckFailed  # noqa: E402
+from minidalle2.checks import diffusion as checks  # noqa: E402
+
+
+def _grad_of(select):
+    def fn(classifier, x_t, t, y):
+        x = x_t.detach().requires_grad_(True)
+        return torch.autograd.grad(select(classifier(x, t))[torch.arange(len(y)), y].sum(), x)[0]
+    return fn
+
+
+def test_checks_pass_the_library_versions():
+    checks.q_sample(lambda x0, t, noise, abar: diffusion.q_sample(diffusion.Schedule("linear"), x0, t, noise))
+    checks.ddpm_mean(lambda x_t, eps, t, betas: diffusion.ddpm_step(
+        diffusion.Schedule("linear"), eps, t, x_t, clip_x0=False, noise=torch.zeros_like(x_t))[0])
+    checks.log_prob_gradient(guidance.class_log_prob_gradient)
+    checks.guided_eps(lambda eps, grad, abar, s: eps - s * math.sqrt(1 - abar) * grad)
+    def library_cfg(c, u, w):   # a "network" that answers c with a class and u without one
+        k = lambda x: len(x) // len(c)
+        net = lambda x, t, cond: torch.where(cond[:, None, None, None] >= 0, c.repeat(k(x), 1, 1, 1), u.repeat(k(x), 1, 1, 1))
+        return diffusion.guided_prediction(net, c, 5, torch.zeros(len(c), dtype=torch.long), w)
+    checks.cfg_combine(library_cfg)
+    checks.drop_labels(lambda labels, p, g: diffusion.drop_condition(labels, p, g))
+
+
+@pytest.mark.parametrize("check, wrong, match", [
+    (checks.q_sample, lambda x0, t, n, ab: ab[t].reshape(-1, 1, 1, 1) * x0 + (1 - ab[t].reshape(-1, 1, 1, 1)) * n,
+     "square roots"),
+    (checks.ddpm_mean, lambda x, e, t, b: x - b[t] / (1 - torch.cumprod(1 - b, 0)[t]).sqrt() * e, "1 / sqrt"),
+    (checks.log_prob_gradient, _grad_of(lambda logits: logits), "not of the log-probability"),
+    (checks.log_prob_gradient, _grad_of(lambda logits: logits.softmax(-1)), "gradient of the probability"),
+    (checks.guided_eps, lambda e, g, ab, s: e + s * math.sqrt(1 - ab) * g, "the sign"),
+    (checks.cfg_combine, lambda c, u, w: c + w * (c - u), "convention"),
+    (checks.drop_labels, lambda labels, p, g: labels.masked_fill_(torch.rand(len(labels), generator=g) < p, -1),
+     "in place"),
+    (checks.drop_labels, lambda labels, p, g: torch.where(torch.rand(len(labels), generator=g) < 0.5, -1, labels),
+     "about 20%"),
+])
+def test_checks_name_common_mistakes(check, wrong, match):
+    with pytest.raises(CheckFailed, match=match):
+        check(wrong)

@@ -15,11 +15,13 @@ def _images(n=4, seed=0):
     return torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.randn(n, 3, 8, 8, generator=g)
 
 
-def _first_match(value, wrong):
-    for candidate, hint in wrong:
-        if isinstance(value, torch.Tensor) and value.shape == candidate.shape and torch.allclose(value, candidate, atol=1e-5):
-            return hint
-    return None
+def _expect_values(out, want, mistakes, name, what, hint="", compare=lambda x: x):
+    """Name a known mistake if `out` equals one (compare(out) vs each candidate), else expect out ~ want."""
+    for candidate, why in mistakes:
+        got = compare(out)
+        if got.shape == candidate.shape and torch.allclose(got, candidate, atol=1e-5):
+            raise CheckFailed(f"{name}: wrong values in {what} - {why}")
+    expect_close(out, want, what, atol=1e-4, hint=hint)
 
 
 def q_sample(fn):
@@ -28,18 +30,15 @@ def q_sample(fn):
     x0, noise = _images()
     t = torch.tensor([0, 10, 500, 999])
     abar = SCHEDULE.alphas_cumprod.float()
+    what = f"{name}(x0, t, noise, alphas_cumprod)"
     out = call(fn, x0, t, noise, abar, name=name)
-    expect_shape(out, x0.shape, f"{name}(x0, t, noise, alphas_cumprod)")
+    expect_shape(out, x0.shape, what)
     a = abar[t].reshape(-1, 1, 1, 1)
-    hint = _first_match(out, [
+    _expect_values(out, diffusion.q_sample(SCHEDULE, x0, t, noise), [
         (a * x0 + (1 - a) * noise, "the coefficients are square roots: sqrt(abar_t) and sqrt(1 - abar_t)"),
         (a.sqrt() * noise + (1 - a).sqrt() * x0, "x0 and the noise are swapped: the signal gets sqrt(abar_t)"),
         (x0 + (1 - a).sqrt() * noise, "the signal must shrink too: multiply x0 by sqrt(abar_t), so the variance stays 1"),
-    ])
-    if hint:
-        raise CheckFailed(f"{name}: wrong values - {hint}")
-    expect_close(out, diffusion.q_sample(SCHEDULE, x0, t, noise), f"{name}(x0, t, noise, alphas_cumprod)",
-                 hint="index alphas_cumprod at each image's t and reshape to (B, 1, 1, 1) to broadcast")
+    ], name, what, hint="index alphas_cumprod at each image's t and reshape to (B, 1, 1, 1) to broadcast")
     passed(name, "x_t matches the closed form at t = 0, 10, 500 and 999 (shape and values)")
 
 
@@ -49,23 +48,20 @@ def ddpm_mean(fn):
     x_t, eps = _images(seed=1)
     betas = SCHEDULE.betas.float()
     for t in (999, 300, 1):
+        what = f"{name}(x_t, eps, t={t}, betas)"
         out = call(fn, x_t, eps, t, betas, name=name)
-        expect_shape(out, x_t.shape, f"{name}(x_t, eps, t={t}, betas)")
+        expect_shape(out, x_t.shape, what)
         want = diffusion.ddpm_step(SCHEDULE, eps.double(), t, x_t.double(), prediction="eps", clip_x0=False,
                                    noise=torch.zeros_like(x_t).double())[0].float()
         beta, alpha = betas[t], 1 - betas[t]
         abar = torch.cumprod(1 - betas, 0)[t]
-        hint = _first_match(out, [
+        _expect_values(out, want, [
             ((x_t - beta / (1 - abar).sqrt() * eps) / alpha, "divide by sqrt(alpha_t), not alpha_t"),
             (x_t - beta / (1 - abar).sqrt() * eps, "the 1 / sqrt(alpha_t) factor is missing"),
             ((x_t - beta / (1 - alpha).sqrt() * eps) / alpha.sqrt(),
              "the noise coefficient uses 1 - alpha-bar_t (the cumulative product), not 1 - alpha_t"),
             ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt(), "that is the predicted x0, not the mean of x_{t-1}"),
-        ])
-        if hint:
-            raise CheckFailed(f"{name}: wrong values at t = {t} - {hint}")
-        expect_close(out, want, f"{name}(x_t, eps, t={t}, betas)", atol=1e-4,
-                     hint="mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_t), alpha_bar = cumprod(1 - beta)")
+        ], name, what, hint="mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_t), alpha_bar = cumprod(1 - beta)")
     passed(name, "the reverse-step mean matches diffusion.ddpm_step (noise off) at t = 999, 300 and 1")
 
 
@@ -83,23 +79,21 @@ class _LinearClassifier(torch.nn.Module):
 def log_prob_gradient(fn):
     """fn(classifier, x_t, t, y) -> grad_{x_t} log softmax(classifier(x_t, t))[y], one per image, (B, C, H, W)."""
     name = "log_prob_gradient"
+    what = f"{name}(classifier, x_t, t, y)"
     clf = _LinearClassifier()
     x_t, _ = _images(seed=2)
     t, y = torch.tensor([5, 50, 500, 900]), torch.tensor([0, 4, 2, 2])
     out = call(fn, clf, x_t, t, y, name=name)
-    expect_shape(out, x_t.shape, f"{name}(classifier, x_t, t, y)")
+    expect_shape(out, x_t.shape, what)
     w = clf.weight.detach()
-    logits = x_t.flatten(1) @ w.T
-    hint = _first_match(out.reshape(4, -1) if isinstance(out, torch.Tensor) else out, [
+    probs = torch.softmax(x_t.flatten(1) @ w.T, -1)
+    _expect_values(out, guidance.class_log_prob_gradient(clf, x_t, t, y), [
         (w[y], "that is the gradient of the logit, not of the log-probability: take log_softmax first"),
-        (torch.softmax(logits, -1)[torch.arange(4), y, None] * (w[y] - torch.softmax(logits, -1) @ w),
+        (probs[torch.arange(4), y, None] * (w[y] - probs @ w),
          "that is the gradient of the probability; guidance uses the log-probability"),
-    ])
-    if hint:
-        raise CheckFailed(f"{name}: wrong values - {hint}")
-    expect_close(out, guidance.class_log_prob_gradient(clf, x_t, t, y), f"{name}(classifier, x_t, t, y)",
-                 hint="x = x_t.detach().requires_grad_(); pick log_softmax(logits)[range(B), y], sum, autograd.grad")
-    passed(name, "matches W_y - E_p[W], the closed form for a linear classifier")
+    ], name, what, compare=lambda g: g.reshape(4, -1),
+        hint="x = x_t.detach().requires_grad_(); pick log_softmax(logits)[range(B), y], sum, autograd.grad")
+    passed(name, "matches the library's gradient (W_y - E_p[W] for this linear classifier)")
 
 
 def guided_eps(fn):
@@ -107,16 +101,14 @@ def guided_eps(fn):
     name = "guided_eps"
     eps, grad = _images(seed=3)
     for abar, scale in ((0.9, 2.0), (0.01, 5.0)):
+        what = f"{name}(eps, grad, alpha_bar_t={abar}, scale={scale})"
         out = call(fn, eps, grad, abar, scale, name=name)
-        expect_shape(out, eps.shape, f"{name}(eps, grad, alpha_bar_t={abar}, scale={scale})")
-        hint = _first_match(out, [
+        expect_shape(out, eps.shape, what)
+        _expect_values(out, eps - scale * math.sqrt(1 - abar) * grad, [
             (eps + scale * math.sqrt(1 - abar) * grad, "the sign: eps points away from the data, so subtract the gradient"),
             (eps - scale * grad, "scale the gradient by sqrt(1 - alpha_bar_t): the score is -eps / sqrt(1 - alpha_bar_t)"),
             (eps - scale * (1 - abar) * grad, "the factor is sqrt(1 - alpha_bar_t), not 1 - alpha_bar_t"),
-        ])
-        if hint:
-            raise CheckFailed(f"{name}: wrong values - {hint}")
-        expect_close(out, eps - scale * math.sqrt(1 - abar) * grad, f"{name}(eps, grad, {abar}, {scale})")
+        ], name, what)
     passed(name, "eps' = eps - s sqrt(1 - alpha_bar_t) grad log p(y | x_t), at two noise levels")
 
 
@@ -124,18 +116,14 @@ def cfg_combine(fn):
     """fn(eps_cond, eps_uncond, w) -> eps_uncond + w (eps_cond - eps_uncond)."""
     name = "cfg_combine"
     cond, uncond = _images(seed=4)
-    for w in (0.0, 1.0, 4.0):
+    for w in (4.0, 0.0, 1.0):
+        what = f"{name}(eps_cond, eps_uncond, w={w})"
         out = call(fn, cond, uncond, w, name=name)
-        expect_shape(out, cond.shape, f"{name}(eps_cond, eps_uncond, w={w})")
-        if w == 4.0:
-            hint = _first_match(out, [
-                (cond + w * (cond - uncond), "that is the (1 + w) convention of Ho & Salimans; here w = 1 is plain conditional"),
-                (w * cond, "guidance extrapolates away from the unconditional prediction: eps_u + w (eps_c - eps_u)"),
-            ])
-            if hint:
-                raise CheckFailed(f"{name}: wrong values at w = 4 - {hint}")
-        expect_close(out, uncond + w * (cond - uncond), f"{name}(eps_cond, eps_uncond, w={w})",
-                     hint="w = 0 gives eps_uncond, w = 1 gives eps_cond")
+        expect_shape(out, cond.shape, what)
+        _expect_values(out, uncond + w * (cond - uncond), [
+            (cond + w * (cond - uncond), "that is the (1 + w) convention of Ho & Salimans; here w = 1 is plain conditional"),
+            (w * cond, "guidance extrapolates away from the unconditional prediction: eps_u + w (eps_c - eps_u)"),
+        ] if w == 4.0 else [], name, what, hint="w = 0 gives eps_uncond, w = 1 gives eps_cond")
     passed(name, "w = 0 is unconditional, w = 1 conditional, w = 4 extrapolates")
 
 
