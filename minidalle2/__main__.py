@@ -1,4 +1,4 @@
-"""The command line: python -m minidalle2 {train, sample, evaluate, scoreboard, course, student} --help"""
+"""The command line: python -m minidalle2 {train, sample, evaluate, curve, scoreboard, course, student} --help"""
 import argparse
 import json
 import sys
@@ -33,6 +33,16 @@ def _evaluate(args):
     if args.json:
         from .checkpoint import atomic_write_json
         atomic_write_json(args.json, row)
+    return 0
+
+
+def _curve(args):
+    from .checkpoint import atomic_write_json
+    from .ddpm import time_to_quality
+    rows = time_to_quality(args.name, args.preset, args.steps, args.every, args.images)
+    if args.json:
+        atomic_write_json(args.json, {"recipe": args.name, "preset": args.preset, "steps": args.steps,
+                                      "every": args.every, "rows": rows})
     return 0
 
 
@@ -89,6 +99,14 @@ def main(argv=None):
     p.add_argument("--scoreboard", metavar="PATH", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")
     p.add_argument("--json", metavar="PATH", help="also write the row as a JSON report")
     p.set_defaults(run=_evaluate)
+
+    p = with_preset(sub.add_parser("curve", help="time-to-quality: train a fresh diffusion model, score it every k steps"))
+    p.add_argument("name", choices=["ddpm", "cfg"])
+    p.add_argument("--steps", type=int, help="default: the preset's budget")
+    p.add_argument("--every", type=int, help="score every N steps (default: ddpm.SNAPSHOTS)")
+    p.add_argument("--images", type=int, help="samples per score (default: ddpm.SNAPSHOTS)")
+    p.add_argument("--json", metavar="PATH", help="write the curve here")
+    p.set_defaults(run=_curve)
 
     p = sub.add_parser("scoreboard", help="print the scoreboard table")
     p.add_argument("--path", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")

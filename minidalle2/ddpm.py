@@ -15,6 +15,7 @@ The recipes "ddpm" (unconditional, chapter 09) and, in guidance.py, "cfg" (class
 condition dropout, chapter 11) are instances of this class trained on one-object Shapes scenes.
 """
 
+import json
 import time
 
 import torch
@@ -150,6 +151,34 @@ def fit(model, preset, run_dir=None, recipe="ddpm", loss=ddpm_loss, guidance=Non
     every, images = SNAPSHOTS[preset]["every"], SNAPSHOTS[preset]["images"]
     return train(model, loss, shapes_dataset(preset), train_config(recipe, preset), run_dir=run_dir,
                  kind="diffusion", snapshot=(every, quality_snapshot(images, guidance)))
+
+
+def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=None, guidance=None):
+    """Train a fresh model of `recipe` ("ddpm" or "cfg") for `steps` (default: the preset's budget; the
+    cosine learning-rate decay stretches to fit) and score `images` samples every `every` steps.
+    Returns rows of {step, minutes, validity, fid, coverage[, caption_accuracy]}: quality against training
+    time, same seed every time. Nothing is cached: this measures, it does not make a model to keep."""
+    from . import guidance as guidance_module
+    from .presets import train_config
+    from .train import seed_everything, train
+    if recipe not in ("ddpm", "cfg"):
+        raise ValueError(f"time_to_quality: recipe must be 'ddpm' or 'cfg', got {recipe!r}")
+    config = train_config(recipe, preset, **({"steps": steps} if steps else {}))
+    every = every or SNAPSHOTS[preset]["every"]
+    images = images or SNAPSHOTS[preset]["images"]
+    if recipe == "cfg":
+        guidance = guidance if guidance is not None else guidance_module.CFG_SCALE
+    seed_everything(0)
+    model = guidance_module.build_cfg(preset) if recipe == "cfg" else build(preset)
+    measure, rows = quality_snapshot(images, guidance), []
+
+    def snapshot(step, seconds, sample_model):
+        rows.append({"step": step, "minutes": seconds / 60, **measure(step, seconds, sample_model)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    train(model, class_loss if recipe == "cfg" else ddpm_loss, shapes_dataset(preset), config,
+          kind="diffusion", snapshot=(every, snapshot))
+    return rows
 
 
 def sample_unconditional(model, prompts, n, seed):

@@ -250,3 +250,12 @@ def test_checks_pass_the_library_versions():
 def test_checks_name_common_mistakes(check, wrong, match):
     with pytest.raises(CheckFailed, match=match):
         check(wrong)
+
+
+def test_time_to_quality_scores_a_fresh_model_every_k_steps():
+    rows = ddpm.time_to_quality("cfg", "smoke", steps=10, every=5, images=30)
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(set(r) == {"step", "minutes", "validity", "fid", "coverage", "caption_accuracy"} for r in rows)
+    assert rows[0]["minutes"] < rows[1]["minutes"]
+    with pytest.raises(ValueError, match="recipe must be"):
+        ddpm.time_to_quality("gan", "smoke")
