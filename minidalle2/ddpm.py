@@ -141,7 +141,7 @@ def quality_snapshot(images, guidance=None, seed=12345):
         classes, prompts = data.pair_prompts(images, seed) if model.conditional else (None, None)
         out = score(model.generate(images, cond=classes, guidance=guidance, seed=seed), prompts, oracle=oracle)
         keys = ("validity", "fid", "coverage") + (("caption_accuracy",) if prompts else ())
-        return {k: out[k] for k in keys}
+        return {k: out[k] for k in keys} | ({"guidance": guidance} if prompts and guidance is not None else {})
     return measure
 
 

@@ -121,6 +121,8 @@ def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
 
 def classes_from_prompts(prompts):
     """Class ids of one-object prompts that name a shape and a colour ('a red circle'); a clear error otherwise."""
+    if prompts is None or isinstance(prompts, str) or not len(prompts):
+        raise ValueError(f"give a list of one-object prompts such as ['a red circle'], got {prompts!r}")
     ids = []
     for p in prompts:
         parsed = data.parse_caption(p) if isinstance(p, str) else p
@@ -209,6 +211,7 @@ def fit_classifier(model, preset, run_dir=None):
 
 
 def _zoo_preset(model):
+    """The preset a classifier was built for (its widths differ per preset): it guides that preset's "ddpm"."""
     return next(p for p, net in CLASSIFIER_NET.items() if net["widths"] == model.config["widths"])
 
 

@@ -192,6 +192,8 @@ def generate(name, preset, n, prompts=None, seed=0):
     recipe = zoo.get_recipe(name)
     if recipe.sample is None:
         raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
+    if recipe.conditional and prompts is None and recipe.prompts is not None:
+        prompts = recipe.prompts(n, seed)             # e.g. balanced class captions for a class-conditional model
     model = zoo.load_or_train(name, preset)
     return recipe.sample(model, prompts if recipe.conditional else None, n, seed), _train_seconds(name, preset)
 

@@ -197,6 +197,9 @@ def test_prompts_a_class_model_cannot_draw_are_named():
             guidance.classes_from_prompts([bad])
     with pytest.raises(ValueError, match="out of range"):
         data.pair_caption(30)
+    for bad in (None, "a red circle", []):
+        with pytest.raises(ValueError, match="list of one-object prompts"):
+            guidance.classes_from_prompts(bad)
 
 
 def test_guidance_sweep_scores_each_scale_with_the_oracle():
@@ -255,7 +258,8 @@ def test_checks_name_common_mistakes(check, wrong, match):
 def test_time_to_quality_scores_a_fresh_model_every_k_steps():
     rows = ddpm.time_to_quality("cfg", "smoke", steps=10, every=5, images=30)
     assert [r["step"] for r in rows] == [5, 10]
-    assert all(set(r) == {"step", "minutes", "validity", "fid", "coverage", "caption_accuracy"} for r in rows)
+    assert all(set(r) == {"step", "minutes", "validity", "fid", "coverage", "caption_accuracy", "guidance"} for r in rows)
+    assert rows[0]["guidance"] == guidance.CFG_SCALE
     assert rows[0]["minutes"] < rows[1]["minutes"]
     with pytest.raises(ValueError, match="recipe must be"):
         ddpm.time_to_quality("gan", "smoke")
