@@ -125,7 +125,7 @@ def shapes_dataset(preset):
 
 
 # time-to-quality: every `every` steps, score `images` DDIM-50 samples of the EMA model with the oracle
-SNAPSHOTS = {"smoke": dict(every=10, images=16), "cpu": dict(every=500, images=200),
+SNAPSHOTS = {"smoke": dict(every=10, images=16), "cpu": dict(every=400, images=200),
              "full": dict(every=2500, images=500)}
 
 
