@@ -98,9 +98,11 @@ class TrainConfig:
 
 
 # chapters 09 and 11: the diffusion U-Net (ddpm.NET: 2.9M parameters at cpu, patch 2) on one-object scenes, with
-# v-prediction and min-SNR weighting (ddpm.PROCESS). cpu: 3,000 steps of 64 at ~0.19 s per step on 2 idle cores.
-# Measured (python -m minidalle2 evaluate NAME --preset cpu): ddpm 656 s, 19.8% valid samples, FID 36 (floor 4.4);
-# cfg 614 s, 79.7% caption accuracy at w = 2 (the bar is 90%; results/time_to_quality_cfg_cpu.json has longer runs)
+# v-prediction and min-SNR weighting (ddpm.PROCESS). cpu: 2,800 steps of 64 at ~0.2 s per step on 2 idle cores, at a
+# constant lr after warm-up (a cosine decay to zero over 3,000 steps measured 19.8% valid / 79.7% caption accuracy).
+# Measured (python -m minidalle2 evaluate NAME --preset cpu --n 1000): ddpm 606 s, 38.1% valid samples, FID 26
+# (floor 4.4); cfg 566 s, 83.7% caption accuracy at w = 2 (the bar is 90%, reached after ~11 training minutes in
+# results/time_to_quality_cfg_cpu.json)
 DIFFUSION = {
     "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
     "cpu": dict(steps=2800, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="constant", grad_clip=1.0,
