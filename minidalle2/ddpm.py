@@ -3,7 +3,7 @@ Chapter 09's model: a denoising network together with the diffusion process it w
 
     model = DiffusionModel(unet=dict(widths=[32, 64, 128], patch_size=2), prediction="v")
     loss, logs = model.loss({"image": x0})                     # train.train(model, ddpm_loss, ...)
-    images = model.generate(16, steps=50)                     # DDIM-50, EMA weights if you pass them
+    images = model.generate(16)                               # DDIM-50 with eta = 1 (SAMPLE_STEPS, SAMPLE_ETA)
 
 The network (unet.UNet) and the sampler (diffusion.py) stay separate, as in diffusers; this class
 only keeps what a checkpoint must remember to sample correctly -- the schedule, the prediction type
@@ -26,6 +26,13 @@ from .diffusion import PREDICTIONS, Schedule, diffusion_loss, sample
 from .unet import UNet
 
 WEIGHTINGS = (None, "min_snr")
+
+# The sampler every chapter uses unless told otherwise: DDIM-50 with eta = 1 (fresh noise at each step, as in
+# DDPM). Measured on the cpu models (400 held-out-seed samples): eta = 0 -> 1 raised the unconditional model's
+# valid share from 35% to 47% and CFG's caption accuracy (w = 2) from 82.5% to 92.7%; eta = 0.5 was in between.
+# The noise lets later steps correct an imperfect model's earlier mistakes; the cost per step is the same.
+SAMPLE_STEPS = 50
+SAMPLE_ETA = 1.0
 
 
 class DiffusionModel(nn.Module):
@@ -61,8 +68,8 @@ class DiffusionModel(nn.Module):
                               generator=generator)
 
     @torch.no_grad()
-    def generate(self, n, cond=None, guidance=None, steps=50, method="ddim", eta=0.0, seed=0, bf16=True,
-                 progress=False, batch_size=500):
+    def generate(self, n, cond=None, guidance=None, steps=SAMPLE_STEPS, method="ddim", eta=SAMPLE_ETA, seed=0,
+                 bf16=True, progress=False, batch_size=500):
         """n images in [-1, 1]: diffusion.sample with this model's schedule and prediction type, in
         batches of `batch_size`, under bfloat16 autocast (the sampler's arithmetic stays float32)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -112,7 +119,6 @@ NET = {"smoke": dict(widths=[16, 32], patch_size=2, attention_levels=[1]),
        "full": dict(widths=[64, 128, 256], patch_size=1, attention_levels=[2], blocks_per_level=2)}
 PROCESS = dict(schedule="linear", T=1000, prediction="v", weighting="min_snr")
 DATASET_SIZE = {"smoke": 2_000, "cpu": 50_000, "full": 100_000}
-SAMPLE_STEPS = 50
 
 
 def build(preset="cpu", num_classes=None, p_uncond=0.0):

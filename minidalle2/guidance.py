@@ -74,8 +74,8 @@ def _check_classes(classes, num_classes):
 
 
 @torch.no_grad()
-def classifier_guided_generate(model, classifier, classes, scale, steps=ddpm.SAMPLE_STEPS, seed=0, batch_size=500,
-                               progress=False):
+def classifier_guided_generate(model, classifier, classes, scale, steps=ddpm.SAMPLE_STEPS, eta=ddpm.SAMPLE_ETA,
+                               seed=0, batch_size=500, progress=False):
     """Images of `classes` from the unconditional `model`, guided by the noisy `classifier` at `scale`."""
     classes = _check_classes(classes, classifier.num_classes)
     classifier.eval()
@@ -83,7 +83,8 @@ def classifier_guided_generate(model, classifier, classes, scale, steps=ddpm.SAM
     for start in range(0, len(classes), batch_size):
         part = classes[start:start + batch_size]
         guide = classifier_guidance(classifier, model.schedule, part, scale, model.prediction)
-        out.append(model.generate(len(part), guidance=guide, steps=steps, seed=seed + start, progress=progress))
+        out.append(model.generate(len(part), guidance=guide, steps=steps, eta=eta, seed=seed + start,
+                                  progress=progress))
     return torch.cat(out)
 
 
@@ -164,7 +165,8 @@ def sweep(recipe, preset, scales=SCALES, n=None, seed=0):
     models = [recipe] + (["ddpm"] if recipe == "classifier_guidance" else [])
     loaded = [zoo.load_or_train(name, preset) for name in models]
     fingerprints = [load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("fingerprint") for name in models]
-    key = {"models": fingerprints, "scales": [float(s) for s in scales], "n": n, "seed": seed}
+    key = {"models": fingerprints, "scales": [float(s) for s in scales], "n": n, "seed": seed,
+           "sampler": {"steps": ddpm.SAMPLE_STEPS, "eta": ddpm.SAMPLE_ETA}}
     path = zoo.cache_dir() / "sweeps" / f"{recipe}_{preset}.json"
     if path.exists():
         cached = json.loads(path.read_text())

@@ -69,7 +69,7 @@ def test_generate_is_seeded_in_range_and_batched_like_one_call():
     assert a.shape == (5, 3, 32, 32) and a.abs().max() <= 1
     torch.testing.assert_close(a, b)
     in_parts = model.generate(5, steps=4, seed=7, bf16=False, batch_size=3)
-    torch.testing.assert_close(in_parts[:3], a[:3])   # the first batch is the same call
+    torch.testing.assert_close(in_parts[:3], model.generate(3, steps=4, seed=7, bf16=False))  # the first batch's call
     assert not torch.equal(model.generate(5, steps=4, seed=8, bf16=False), a)
 
 
@@ -169,6 +169,18 @@ def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
     p_plain = torch.softmax(clf(plain, None), -1)[torch.arange(3), y]
     p_guided = torch.softmax(clf(guided, None), -1)[torch.arange(3), y]
     assert (p_guided > p_plain).all()
+
+
+def test_generate_defaults_to_the_library_sampler_and_guided_generate_passes_eta_on():
+    model = tiny_model(prediction="v")
+    default = model.generate(2, steps=4, seed=1)
+    torch.testing.assert_close(default, model.generate(2, steps=4, eta=ddpm.SAMPLE_ETA, seed=1))
+    assert not torch.allclose(default, model.generate(2, steps=4, eta=1.0 - ddpm.SAMPLE_ETA, seed=1))
+    clf, y = LinearClassifier(), torch.tensor([0, 2])
+    for eta in (0.0, 1.0):
+        guide = guidance.classifier_guidance(clf, model.schedule, y, 3.0, model.prediction)
+        torch.testing.assert_close(guidance.classifier_guided_generate(model, clf, y, 3.0, steps=4, eta=eta, seed=1),
+                                   model.generate(2, guidance=guide, steps=4, eta=eta, seed=1))
 
 
 def test_noisy_classifier_loss_and_accuracy_by_timestep():
