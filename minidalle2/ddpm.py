@@ -68,10 +68,13 @@ class DiffusionModel(nn.Module):
                               generator=generator)
 
     @torch.no_grad()
-    def generate(self, n, cond=None, guidance=None, steps=SAMPLE_STEPS, method="ddim", eta=SAMPLE_ETA, seed=0,
+    def generate(self, n, cond=None, guidance=None, steps=SAMPLE_STEPS, method="ddim", eta=None, seed=0,
                  bf16=True, progress=False, batch_size=500):
         """n images in [-1, 1]: diffusion.sample with this model's schedule and prediction type, in
-        batches of `batch_size`, under bfloat16 autocast (the sampler's arithmetic stays float32)."""
+        batches of `batch_size`, under bfloat16 autocast (the sampler's arithmetic stays float32).
+        eta=None is SAMPLE_ETA for DDIM; ancestral DDPM has no eta."""
+        if eta is None:
+            eta = SAMPLE_ETA if method == "ddim" else 0.0
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of images, got {n!r}")
         if cond is not None and not self.conditional:

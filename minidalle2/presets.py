@@ -100,9 +100,8 @@ class TrainConfig:
 # chapters 09 and 11: the diffusion U-Net (ddpm.NET: 2.9M parameters at cpu, patch 2) on one-object scenes, with
 # v-prediction and min-SNR weighting (ddpm.PROCESS). cpu: 2,800 steps of 64 at ~0.2 s per step on 2 idle cores, at a
 # constant lr after warm-up (a cosine decay to zero over 3,000 steps measured 19.8% valid / 79.7% caption accuracy).
-# Measured (python -m minidalle2 evaluate NAME --preset cpu --n 1000): ddpm 606 s, 38.1% valid samples, FID 26
-# (floor 4.4); cfg 566 s, 83.7% caption accuracy at w = 2 (the bar is 90%, reached after ~11 training minutes in
-# results/time_to_quality_cfg_cpu.json)
+# Measured (python -m minidalle2 evaluate NAME --preset cpu --n 1000, DDIM-50 with eta = 1): ddpm 537 s, 46% valid
+# samples, FID 25 (floor 4.4); cfg 585 s, 92.2% caption accuracy at w = 2 (the bar is 90%)
 DIFFUSION = {
     "smoke": dict(steps=20, batch_size=32, lr=1e-3, warmup_steps=5, log_every=5),
     "cpu": dict(steps=2800, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="constant", grad_clip=1.0,

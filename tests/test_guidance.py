@@ -176,6 +176,7 @@ def test_generate_defaults_to_the_library_sampler_and_guided_generate_passes_eta
     default = model.generate(2, steps=4, seed=1)
     torch.testing.assert_close(default, model.generate(2, steps=4, eta=ddpm.SAMPLE_ETA, seed=1))
     assert not torch.allclose(default, model.generate(2, steps=4, eta=1.0 - ddpm.SAMPLE_ETA, seed=1))
+    assert model.generate(2, method="ddpm", steps=4, seed=1).shape == (2, 3, 32, 32)   # DDPM has no eta to default
     clf, y = LinearClassifier(), torch.tensor([0, 2])
     for eta in (0.0, 1.0):
         guide = guidance.classifier_guidance(clf, model.schedule, y, 3.0, model.prediction)
