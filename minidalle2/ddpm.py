@@ -191,7 +191,7 @@ def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=
 
 
 def sample_unconditional(model, prompts, n, seed):
-    return model.generate(n, steps=SAMPLE_STEPS, seed=seed)
+    return model.generate(n, seed=seed)
 
 
 def timed_generate(model, n=64, steps=SAMPLE_STEPS, **kwargs):

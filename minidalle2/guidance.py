@@ -233,7 +233,7 @@ def fit_cfg(model, preset, run_dir=None):
 
 
 def sample_cfg(model, prompts, n, seed):
-    return model.generate(n, cond=classes_from_prompts(prompts), guidance=CFG_SCALE, steps=ddpm.SAMPLE_STEPS, seed=seed)
+    return model.generate(n, cond=classes_from_prompts(prompts), guidance=CFG_SCALE, seed=seed)
 
 
 def _register():
