@@ -189,8 +189,8 @@ CLASSIFIER_NET = {"smoke": dict(widths=[16, 32], patch_size=2),
                   "full": dict(widths=[64, 128, 128], patch_size=1)}
 P_UNCOND = 0.15
 # the scales the benchmark rows use: the best of the cpu sweeps in notebooks 10 and 11 (on 300 samples, classifier
-# guidance measured 0.25 caption accuracy at s = 8, 0.19 at s = 4, no better at 16-64; CFG 0.887 at w = 2, 0.75 at w = 4)
-CLASSIFIER_SCALE = 8.0
+# guidance measured 0.310 caption accuracy at s = 4, 0.307 at s = 8, 0.277 at s = 2; CFG 0.887 at w = 2, 0.75 at w = 4)
+CLASSIFIER_SCALE = 4.0
 CFG_SCALE = 2.0
 
 
