@@ -203,7 +203,7 @@ TRAINING = {
     # chapter 10: the noise-aware classifier (guidance.CLASSIFIER_NET: the U-Net's down path + a linear head).
     # cpu: a step costs ~1/6 of a diffusion step; 3,000 steps with a mean-pooled head left it at 17% accuracy
     # for t < 250, so the head reads the whole map. Accuracy by t quartile / guided caption accuracy (s = 8, 400
-    # samples): 8,000 steps (310 s) 0.845 / 0.348 / 0.059 / 0.038 -> 0.21; 15,000 steps (488 s on 2 idle cores)
+    # samples): 8,000 steps (310 s) 0.845 / 0.348 / 0.059 / 0.038 -> 0.21; 15,000 steps (488-560 s on 2 idle cores)
     # 0.909 / 0.399 / 0.073 / 0.035 -> 0.32
     "noisy_classifier": {
         "smoke": dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=5),
