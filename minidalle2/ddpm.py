@@ -194,10 +194,10 @@ def sample_unconditional(model, prompts, n, seed):
     return model.generate(n, seed=seed)
 
 
-def timed_generate(model, n=64, steps=SAMPLE_STEPS, **kwargs):
-    """(images, seconds): the sampling time the chapter bars are about (DDIM-50 of 64 images)."""
+def timed_generate(model, n=64, **kwargs):
+    """(images, seconds): the sampling time the chapter bars are about (DDIM-50 of 64 images by default)."""
     start = time.perf_counter()
-    images = model.generate(n, steps=steps, **kwargs)
+    images = model.generate(n, **kwargs)
     return images, time.perf_counter() - start
 
 

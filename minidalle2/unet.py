@@ -201,6 +201,7 @@ class DownPath(nn.Module):
 
 
 def _check_shape(resolution, widths, patch_size, attention_levels, who):
+    """Check the shape settings; return the side of the lowest-resolution feature map."""
     if patch_size not in (1, 2, 4):
         raise ValueError(f"{who}: patch_size must be 1, 2 or 4, got {patch_size}")
     if not widths or any(w < 1 for w in widths):
@@ -212,6 +213,7 @@ def _check_shape(resolution, widths, patch_size, attention_levels, who):
     bad = [i for i in attention_levels if not 0 <= i < len(widths)]
     if bad:
         raise ValueError(f"{who}: attention_levels {bad} out of range: levels are 0..{len(widths) - 1}")
+    return resolution // factor
 
 
 class UNet(nn.Module):
@@ -292,7 +294,7 @@ class NoisyClassifier(nn.Module):
                  attention_levels=(), time_dim=None, patch_size=1, dropout=0.0, num_timesteps=1000, head="flatten"):
         super().__init__()
         widths, attention_levels = [int(w) for w in widths], [int(i) for i in attention_levels]
-        _check_shape(resolution, widths, patch_size, attention_levels, "NoisyClassifier")
+        side = _check_shape(resolution, widths, patch_size, attention_levels, "NoisyClassifier")
         if head not in ("flatten", "mean"):
             raise ValueError(f"NoisyClassifier: head must be 'flatten' or 'mean', got {head!r}")
         time_dim = time_dim or 4 * widths[0]
@@ -303,7 +305,6 @@ class NoisyClassifier(nn.Module):
         self.embed = Embedding(widths[0], time_dim, num_timesteps=num_timesteps, who="NoisyClassifier")
         self.down = DownPath(channels, widths, blocks_per_level, attention_levels, time_dim, patch_size, dropout)
         self.mid = ResBlock(widths[-1], widths[-1], time_dim, dropout)
-        side = resolution // (patch_size * 2 ** (len(widths) - 1))
         pool = nn.AdaptiveAvgPool2d(1) if head == "mean" else nn.Identity()
         self.out = nn.Sequential(_norm(widths[-1]), nn.SiLU(), pool, nn.Flatten(),
                                  nn.Linear(widths[-1] * (1 if head == "mean" else side * side), num_classes))
