@@ -101,7 +101,8 @@ def main(argv=None):
     p.set_defaults(run=_evaluate)
 
     p = with_preset(sub.add_parser("curve", help="time-to-quality: train a fresh diffusion model, score it every k steps"))
-    p.add_argument("name", choices=["ddpm", "cfg"])
+    p.add_argument("name", choices=["ddpm", "cfg", "classifier_guidance"],
+                   help="classifier_guidance: a fresh ddpm, guided by the preset's noisy classifier")
     p.add_argument("--steps", type=int, help="default: the preset's budget")
     p.add_argument("--every", type=int, help="score every N steps (default: ddpm.SNAPSHOTS)")
     p.add_argument("--images", type=int, help="samples per score (default: ddpm.SNAPSHOTS)")

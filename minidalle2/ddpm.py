@@ -138,17 +138,24 @@ SNAPSHOTS = {"smoke": dict(every=10, images=16), "cpu": dict(every=400, images=2
              "full": dict(every=2500, images=500)}
 
 
-def quality_snapshot(images, guidance=None, seed=12345):
+def quality_snapshot(images, guidance=None, seed=12345, classifier=None):
     """A snapshot fn for train.train: sample `images` images (DDIM-50) and return the oracle's numbers,
     so the training history holds a quality-vs-time curve. A conditional model draws balanced class
-    prompts and is scored on them (caption accuracy), at CFG scale `guidance`."""
+    prompts and is scored on them (caption accuracy), at CFG scale `guidance`; so does an unconditional
+    one given a noisy `classifier`, which guides it at scale `guidance` (chapter 10)."""
+    from .guidance import classifier_guided_generate
     from .oracle import load_oracle
     from .scoreboard import score
     oracle = load_oracle()
 
     def measure(step, seconds, model):
-        classes, prompts = data.pair_prompts(images, seed) if model.conditional else (None, None)
-        out = score(model.generate(images, cond=classes, guidance=guidance, seed=seed), prompts, oracle=oracle)
+        on_classes = model.conditional or classifier is not None
+        classes, prompts = data.pair_prompts(images, seed) if on_classes else (None, None)
+        if classifier is not None:
+            out = classifier_guided_generate(model, classifier, classes, guidance, seed=seed)
+        else:
+            out = model.generate(images, cond=classes, guidance=guidance, seed=seed)
+        out = score(out, prompts, oracle=oracle)
         keys = ("validity", "fid", "coverage") + (("caption_accuracy",) if prompts else ())
         return {k: out[k] for k in keys} | ({"guidance": guidance} if prompts and guidance is not None else {})
     return measure
@@ -162,24 +169,32 @@ def fit(model, preset, run_dir=None, recipe="ddpm", loss=ddpm_loss, guidance=Non
                  kind="diffusion", snapshot=(every, quality_snapshot(images, guidance)))
 
 
+CURVES = ("ddpm", "cfg", "classifier_guidance")
+
+
 def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=None, guidance=None):
-    """Train a fresh model of `recipe` ("ddpm" or "cfg") for `steps` (default: the preset's budget; the
-    cosine learning-rate decay stretches to fit) and score `images` samples every `every` steps.
-    Returns rows of {step, minutes, validity, fid, coverage[, caption_accuracy]}: quality against training
-    time, same seed every time. Nothing is cached: this measures, it does not make a model to keep."""
+    """Train a fresh model of `recipe` for `steps` (default: the preset's budget; the cosine learning-rate
+    decay stretches to fit) and score `images` samples every `every` steps. Returns rows of {step, minutes,
+    validity, fid, coverage[, caption_accuracy]}: quality against training time, same seed every time.
+    "classifier_guidance" trains a fresh "ddpm" and scores it guided by the zoo's noisy classifier of the
+    same preset (trained or loaded first; its own training time is not in `minutes`).
+    Nothing is cached: this measures, it does not make a model to keep."""
     from . import guidance as guidance_module
+    from . import zoo
     from .presets import train_config
     from .train import seed_everything, train
-    if recipe not in ("ddpm", "cfg"):
-        raise ValueError(f"time_to_quality: recipe must be 'ddpm' or 'cfg', got {recipe!r}")
-    config = train_config(recipe, preset, **({"steps": steps} if steps else {}))
+    if recipe not in CURVES:
+        raise ValueError(f"time_to_quality: recipe must be one of {CURVES}, got {recipe!r}")
+    training = "ddpm" if recipe == "classifier_guidance" else recipe
+    config = train_config(training, preset, **({"steps": steps} if steps else {}))
     every = every or SNAPSHOTS[preset]["every"]
     images = images or SNAPSHOTS[preset]["images"]
-    if recipe == "cfg":
-        guidance = guidance if guidance is not None else guidance_module.CFG_SCALE
+    default_scale = {"cfg": guidance_module.CFG_SCALE, "classifier_guidance": guidance_module.CLASSIFIER_SCALE}
+    guidance = guidance if guidance is not None else default_scale.get(recipe)
+    classifier = zoo.load_or_train("classifier_guidance", preset) if recipe == "classifier_guidance" else None
     seed_everything(0)
     model = guidance_module.build_cfg(preset) if recipe == "cfg" else build(preset)
-    measure, rows = quality_snapshot(images, guidance), []
+    measure, rows = quality_snapshot(images, guidance, classifier=classifier), []
 
     def snapshot(step, seconds, sample_model):
         rows.append({"step": step, "minutes": seconds / 60, **measure(step, seconds, sample_model)})

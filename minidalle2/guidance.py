@@ -102,7 +102,7 @@ def noisy_classifier_loss(classifier, batch, schedule):
 def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     """The noisy classifier's accuracy on n test images per range of t (quartiles by default):
     {"t 0-249": ..., ...}. Near t = T the image is gone, so chance (1/30) is all it can do."""
-    was_training = classifier.training
+    was_training, device = classifier.training, next(classifier.parameters()).device
     classifier.eval()
     test = data.ShapesDataset(n, "test", seed=seed, num_objects=1)
     batch = test.get_batch(torch.arange(n))
@@ -112,8 +112,8 @@ def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     for lo, hi in zip(edges, edges[1:]):
         t = torch.randint(lo, hi, (n,), generator=g)
         x_t = q_sample(schedule, batch["image"], t, torch.randn(batch["image"].shape, generator=g))
-        logits = torch.cat([classifier(x_t[i:i + 500], t[i:i + 500]) for i in range(0, n, 500)])
-        out[f"t {lo}-{hi - 1}"] = (logits.argmax(-1) == y).float().mean().item()
+        logits = torch.cat([classifier(x_t[i:i + 500].to(device), t[i:i + 500].to(device)) for i in range(0, n, 500)])
+        out[f"t {lo}-{hi - 1}"] = (logits.argmax(-1).cpu() == y).float().mean().item()
     classifier.train(was_training)
     return out
 
@@ -212,14 +212,14 @@ def fit_classifier(model, preset, run_dir=None):
                  run_dir=run_dir, kind="noisy_classifier")
 
 
-def _zoo_preset(model):
-    """The preset a classifier was built for (its widths differ per preset): it guides that preset's "ddpm"."""
-    return next(p for p, net in CLASSIFIER_NET.items() if net["widths"] == model.config["widths"])
-
-
 def sample_classifier_guided(classifier, prompts, n, seed):
+    """The zoo's sampler: the classifier guides the "ddpm" model of its own preset."""
     from . import zoo
-    diffusion_model = zoo.load_or_train("ddpm", _zoo_preset(classifier))
+    preset = getattr(classifier, "zoo_preset", None)
+    if preset is None:
+        raise ValueError("this classifier was not loaded with zoo.load_or_train, so which 'ddpm' it guides is unknown; "
+                         "call classifier_guided_generate(diffusion_model, classifier, classes, scale)")
+    diffusion_model = zoo.load_or_train("ddpm", preset)
     return classifier_guided_generate(diffusion_model, classifier, classes_from_prompts(prompts), CLASSIFIER_SCALE,
                                       seed=seed)
 

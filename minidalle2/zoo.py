@@ -118,12 +118,13 @@ def fingerprint(recipe: Recipe, preset: str, model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _frozen(model: nn.Module) -> nn.Module:
+def _frozen(model: nn.Module, preset: str) -> nn.Module:
+    model.zoo_preset = preset  # a recipe that builds on another zoo model takes the same preset's (see guidance.py)
     return model.eval().requires_grad_(False)
 
 
 def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress=True) -> nn.Module:
-    """The model of recipe `name` at `preset`, in eval mode with gradients off."""
+    """The model of recipe `name` at `preset`, in eval mode with gradients off; model.zoo_preset = preset."""
     recipe = get_recipe(name)
     preset = check_preset(preset) if preset is not None else default_preset()
     where = cache_dir(cache) / name / preset
@@ -138,7 +139,7 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
             if meta.get("fingerprint") == fp:
                 load_state_dict_strict(model, tensors, path)
                 print(f"zoo: loaded {name!r} ({preset}) from {path}.safetensors")
-                return _frozen(model)
+                return _frozen(model, preset)
             print(f"zoo: cached {name!r} ({preset}) is stale (the recipe changed); retraining")
         except CheckpointError as e:
             print(f"zoo: cached {name!r} ({preset}) is unusable: {e}; retraining")
@@ -164,7 +165,7 @@ def load_or_train(name: str, preset=None, *, cache=None, retrain=False, progress
                                                 "history": _thin(result.history)})
         shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
     barrier()
-    return _frozen(trained)
+    return _frozen(trained, preset)
 
 
 def _thin(history, points=500):

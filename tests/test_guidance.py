@@ -171,6 +171,11 @@ def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
     assert (p_guided > p_plain).all()
 
 
+def test_the_zoo_sampler_names_a_classifier_that_did_not_come_from_the_zoo():
+    with pytest.raises(ValueError, match="not loaded with zoo.load_or_train"):
+        guidance.sample_classifier_guided(guidance.build_classifier("smoke"), ["a red circle"], 1, seed=0)
+
+
 def test_generate_defaults_to_the_library_sampler_and_guided_generate_passes_eta_on():
     model = tiny_model(prediction="v")
     default = model.generate(2, steps=4, seed=1)
@@ -276,3 +281,17 @@ def test_time_to_quality_scores_a_fresh_model_every_k_steps():
     assert rows[0]["minutes"] < rows[1]["minutes"]
     with pytest.raises(ValueError, match="recipe must be"):
         ddpm.time_to_quality("gan", "smoke")
+
+
+def test_the_classifier_guidance_curve_guides_a_fresh_ddpm_with_the_zoo_classifier(monkeypatch, tmp_path):
+    from minidalle2 import zoo
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
+    calls = []
+    real = guidance.classifier_guided_generate
+    monkeypatch.setattr(guidance, "classifier_guided_generate",
+                        lambda model, clf, classes, scale, **kw: calls.append((clf.zoo_preset, scale, len(classes)))
+                        or real(model, clf, classes, scale, **kw))
+    rows = ddpm.time_to_quality("classifier_guidance", "smoke", steps=10, every=10, images=12)
+    assert calls == [("smoke", guidance.CLASSIFIER_SCALE, 12)]
+    assert [r["step"] for r in rows] == [10] and 0 <= rows[0]["caption_accuracy"] <= 1
+    assert rows[0]["guidance"] == guidance.CLASSIFIER_SCALE

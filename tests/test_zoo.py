@@ -48,6 +48,7 @@ def test_trains_once_then_loads(toy, tmp_path, capsys):
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
 
+    assert first.zoo_preset == second.zoo_preset == "smoke"   # recipes built on it look up the same preset
     zoo.load_or_train("toy", "cpu", progress=False)  # each preset has its own cache entry
     zoo.load_or_train("toy", "smoke", retrain=True, progress=False)
     assert toy == ["smoke", "cpu", "smoke"]
