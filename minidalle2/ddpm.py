@@ -28,7 +28,7 @@ from .unet import UNet
 WEIGHTINGS = (None, "min_snr")
 
 # The sampler every chapter uses unless told otherwise: DDIM-50 with eta = 1 (fresh noise at each step, as in
-# DDPM). Measured on the cpu models (400 held-out-seed samples): eta = 0 -> 1 raised the unconditional model's
+# DDPM). Measured on the batch-64 cpu models (400 held-out-seed samples): eta = 0 -> 1 raised the unconditional model's
 # valid share from 35% to 47% and CFG's caption accuracy (w = 2) from 82.5% to 92.7%; eta = 0.5 was in between.
 # The noise lets later steps correct an imperfect model's earlier mistakes; the cost per step is the same.
 SAMPLE_STEPS = 50
@@ -173,8 +173,8 @@ CURVES = ("ddpm", "cfg", "classifier_guidance")
 
 
 def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=None, guidance=None):
-    """Train a fresh model of `recipe` for `steps` (default: the preset's budget; the cosine learning-rate
-    decay stretches to fit) and score `images` samples every `every` steps. Returns rows of {step, minutes,
+    """Train a fresh model of `recipe` for `steps` (default: the preset's budget; a cosine learning-rate
+    decay, where the recipe has one, stretches to fit) and score `images` samples every `every` steps. Returns rows of {step, minutes,
     validity, fid, coverage[, caption_accuracy]}: quality against training time, same seed every time.
     "classifier_guidance" trains a fresh "ddpm" and scores it guided by the zoo's noisy classifier of the
     same preset (trained or loaded first; its own training time is not in `minutes`).
