@@ -174,8 +174,9 @@ CURVES = ("ddpm", "cfg", "classifier_guidance")
 
 def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=None, guidance=None):
     """Train a fresh model of `recipe` for `steps` (default: the preset's budget; a cosine learning-rate
-    decay, where the recipe has one, stretches to fit) and score `images` samples every `every` steps. Returns rows of {step, minutes,
-    validity, fid, coverage[, caption_accuracy]}: quality against training time, same seed every time.
+    decay, where the recipe has one, stretches to fit) and score `images` samples every `every` steps.
+    Returns rows of {step, minutes, validity, fid, coverage[, caption_accuracy]}: quality against training
+    time, same seed every time.
     "classifier_guidance" trains a fresh "ddpm" and scores it guided by the zoo's noisy classifier of the
     same preset (trained or loaded first; its own training time is not in `minutes`).
     Nothing is cached: this measures, it does not make a model to keep."""
