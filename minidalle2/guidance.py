@@ -47,6 +47,7 @@ def classifier_guidance(classifier, schedule, classes, scale, prediction="eps"):
     """A guidance callable for diffusion.sample: turns the network's prediction into the guided one,
     eps' = eps - s sqrt(1 - abar_t) grad log p(y | x_t), in the network's own units (eps, x0 or v)."""
     _check_scale(scale, "classifier guidance scale")
+    _check_same_noise(classifier, schedule)
     classes = _check_classes(classes, classifier.num_classes)
 
     def guide(x_t, t, pred):
@@ -61,6 +62,17 @@ def classifier_guidance(classifier, schedule, classes, scale, prediction="eps"):
         return training_target(schedule, x0, eps, t, prediction)
 
     return guide
+
+
+def _check_same_noise(classifier, schedule):
+    """A classifier trained on one schedule's x_t misreads another's: at the same t, linear and cosine
+    noise differ by up to ~10x in signal-to-noise ratio. Checked where the classifier records its schedule."""
+    config = getattr(classifier, "config", {})
+    trained_on = (config.get("schedule"), config.get("num_timesteps"))
+    if trained_on[0] is not None and trained_on != (schedule.name, schedule.T):
+        raise ValueError(f"the classifier was trained on x_t of the {trained_on[0]!r} schedule with T = {trained_on[1]}, "
+                         f"but this diffusion model uses {schedule.name!r} with T = {schedule.T}; train a classifier "
+                         "on the model's own schedule (noisy_classifier_loss with model.schedule)")
 
 
 def _check_classes(classes, num_classes):
@@ -90,6 +102,7 @@ def classifier_guided_generate(model, classifier, classes, scale, steps=ddpm.SAM
 
 def noisy_classifier_loss(classifier, batch, schedule):
     """Cross-entropy of the class (shape x colour) from x_t at a random t: the classifier guidance needs."""
+    _check_same_noise(classifier, schedule)
     x0 = batch["image"]
     y = ddpm.class_batch(batch)["cond"].to(x0.device)
     t = torch.randint(0, schedule.T, (len(x0),))
@@ -102,6 +115,7 @@ def noisy_classifier_loss(classifier, batch, schedule):
 def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     """The noisy classifier's accuracy on n test images per range of t (quartiles by default):
     {"t 0-249": ..., ...}. Near t = T the image is gone, so chance (1/30) is all it can do."""
+    _check_same_noise(classifier, schedule)
     was_training, device = classifier.training, next(classifier.parameters()).device
     classifier.eval()
     test = data.ShapesDataset(n, "test", seed=seed, num_objects=1)
@@ -196,7 +210,8 @@ CFG_SCALE = 2.0
 
 
 def build_classifier(preset="cpu"):
-    return NoisyClassifier(num_classes=data.NUM_PAIRS, num_timesteps=ddpm.PROCESS["T"], **CLASSIFIER_NET[preset])
+    return NoisyClassifier(num_classes=data.NUM_PAIRS, num_timesteps=ddpm.PROCESS["T"], schedule=ddpm.PROCESS["schedule"],
+                           **CLASSIFIER_NET[preset])
 
 
 def classifier_schedule():

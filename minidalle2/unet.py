@@ -288,10 +288,15 @@ class NoisyClassifier(nn.Module):
 
     head="flatten" reads the whole lowest-resolution map (every position has its own weights); "mean"
     averages it over positions first. On Shapes (one small object on black), measured at 1,500 steps on
-    noisy images: 38% accuracy for t < 250 with "flatten", 14% with "mean" (the object is 1 of 16 cells)."""
+    noisy images: 38% accuracy for t < 250 with "flatten", 14% with "mean" (the object is 1 of 16 cells).
+
+    `schedule` names the noise schedule of the x_t it is trained to read. The network does not use it; it is
+    kept in the config (and so in the checkpoint) so that guidance can refuse a diffusion model whose t means
+    a different amount of noise."""
 
     def __init__(self, num_classes=30, channels=3, resolution=32, widths=(32, 64, 64), blocks_per_level=1,
-                 attention_levels=(), time_dim=None, patch_size=1, dropout=0.0, num_timesteps=1000, head="flatten"):
+                 attention_levels=(), time_dim=None, patch_size=1, dropout=0.0, num_timesteps=1000, head="flatten",
+                 schedule="linear"):
         super().__init__()
         widths, attention_levels = [int(w) for w in widths], [int(i) for i in attention_levels]
         side = _check_shape(resolution, widths, patch_size, attention_levels, "NoisyClassifier")
@@ -300,7 +305,8 @@ class NoisyClassifier(nn.Module):
         time_dim = time_dim or 4 * widths[0]
         self.config = dict(num_classes=num_classes, channels=channels, resolution=resolution, widths=widths,
                            blocks_per_level=blocks_per_level, attention_levels=attention_levels, time_dim=time_dim,
-                           patch_size=patch_size, dropout=dropout, num_timesteps=num_timesteps, head=head)
+                           patch_size=patch_size, dropout=dropout, num_timesteps=num_timesteps, head=head,
+                           schedule=schedule)
         self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
         self.embed = Embedding(widths[0], time_dim, num_timesteps=num_timesteps, who="NoisyClassifier")
         self.down = DownPath(channels, widths, blocks_per_level, attention_levels, time_dim, patch_size, dropout)

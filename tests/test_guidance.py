@@ -155,6 +155,21 @@ def test_scale_zero_changes_nothing_and_bad_scales_or_classes_are_named():
         guidance.classifier_guidance(clf, schedule, torch.tensor([0.5, 1.0]), 1.0)
 
 
+def test_a_classifier_trained_on_another_schedule_is_refused_by_name():
+    clf = NoisyClassifier(num_classes=30, widths=[8, 16], patch_size=2, schedule="linear")
+    cosine, batch = diffusion.Schedule("cosine"), data.ShapesDataset(4, "train", num_objects=1).get_batch(torch.arange(4))
+    for call in (lambda: guidance.classifier_guidance(clf, cosine, torch.tensor([0, 1]), 1.0),
+                 lambda: guidance.noisy_classifier_loss(clf, batch, cosine),
+                 lambda: guidance.accuracy_by_timestep(clf, cosine, n=4)):
+        with pytest.raises(ValueError, match="'linear' schedule with T = 1000, but this diffusion model uses 'cosine'"):
+            call()
+    with pytest.raises(ValueError, match="T = 1000, but .* T = 500"):
+        guidance.classifier_guidance(clf, diffusion.Schedule("linear", 500), torch.tensor([0]), 1.0)
+    # the zoo's classifier is built for the zoo's diffusion process
+    assert guidance.build_classifier("smoke").config["schedule"] == ddpm.PROCESS["schedule"]
+    assert guidance.classifier_schedule().name == ddpm.PROCESS["schedule"]
+
+
 def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
     model = tiny_model(prediction="v")
     with torch.no_grad():
