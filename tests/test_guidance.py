@@ -157,11 +157,12 @@ def test_scale_zero_changes_nothing_and_bad_scales_or_classes_are_named():
 
 def test_a_classifier_trained_on_another_schedule_is_refused_by_name():
     clf = NoisyClassifier(num_classes=30, widths=[8, 16], patch_size=2, schedule="linear")
-    cosine, batch = diffusion.Schedule("cosine"), data.ShapesDataset(4, "train", num_objects=1).get_batch(torch.arange(4))
+    cosine = diffusion.Schedule("cosine")
+    batch = data.ShapesDataset(4, "train", num_objects=1).get_batch(torch.arange(4))
     for call in (lambda: guidance.classifier_guidance(clf, cosine, torch.tensor([0, 1]), 1.0),
                  lambda: guidance.noisy_classifier_loss(clf, batch, cosine),
                  lambda: guidance.accuracy_by_timestep(clf, cosine, n=4)):
-        with pytest.raises(ValueError, match="'linear' schedule with T = 1000, but this diffusion model uses 'cosine'"):
+        with pytest.raises(ValueError, match="'linear' schedule with T = 1000, but was given the 'cosine' schedule"):
             call()
     with pytest.raises(ValueError, match="T = 1000, but .* T = 500"):
         guidance.classifier_guidance(clf, diffusion.Schedule("linear", 500), torch.tensor([0]), 1.0)
