@@ -148,8 +148,8 @@ def quality_snapshot(images, guidance=None, seed=12345, classifier=None):
     """A snapshot fn for train.train: sample `images` images (DDIM-50) and return the oracle's numbers,
     so the training history holds a quality-vs-time curve. A conditional model draws balanced class
     prompts and is scored on them (caption accuracy), at CFG scale `guidance`; so does an unconditional
-    one given a noisy `classifier`, which guides it at scale `guidance` (chapter 10)."""
-    from .guidance import classifier_guided_generate
+    one given a noisy `classifier`, which guides it at scale `guidance` with the recipe's smoothing (chapter 10)."""
+    from .guidance import CLASSIFIER_SMOOTHING, SMOOTHING_SAMPLES, classifier_guided_generate
     from .oracle import load_oracle
     from .scoreboard import score
     oracle = load_oracle()
@@ -158,7 +158,8 @@ def quality_snapshot(images, guidance=None, seed=12345, classifier=None):
         on_classes = model.conditional or classifier is not None
         classes, prompts = data.pair_prompts(images, seed) if on_classes else (None, None)
         if classifier is not None:
-            out = classifier_guided_generate(model, classifier, classes, guidance, seed=seed)
+            out = classifier_guided_generate(model, classifier, classes, guidance, smoothing=CLASSIFIER_SMOOTHING,
+                                             smoothing_samples=SMOOTHING_SAMPLES, seed=seed)
         else:
             out = model.generate(images, cond=classes, guidance=guidance, seed=seed)
         out = score(out, prompts, oracle=oracle)

@@ -155,6 +155,43 @@ def test_scale_zero_changes_nothing_and_bad_scales_or_classes_are_named():
         guidance.classifier_guidance(clf, schedule, torch.tensor([0.5, 1.0]), 1.0)
 
 
+def test_smoothed_gradient_is_the_mean_gradient_at_perturbed_copies_and_plain_at_zero_noise():
+    clf, y, t = LinearClassifier(), torch.tensor([0, 2]), torch.tensor([100, 700])
+    x = torch.randn(2, 3, 32, 32)
+    std = torch.tensor([0.5, 2.0]).reshape(-1, 1, 1, 1)
+    got = guidance.smoothed_class_log_prob_gradient(clf, x, t, y, std, 3, torch.Generator().manual_seed(7))
+    noise = torch.randn((3, *x.shape), generator=torch.Generator().manual_seed(7))
+    want = sum(guidance.class_log_prob_gradient(clf, x + std * noise[k], t, y) for k in range(3)) / 3
+    torch.testing.assert_close(got, want)
+    plain = guidance.class_log_prob_gradient(clf, x, t, y)
+    assert not torch.allclose(got, plain, atol=1e-4)
+    torch.testing.assert_close(guidance.smoothed_class_log_prob_gradient(clf, x, t, y, 0.0, 3), plain)
+
+
+def test_smoothed_guidance_shifts_eps_by_the_smoothed_gradient_at_rho_times_the_noise_level():
+    schedule, clf = diffusion.Schedule("cosine"), LinearClassifier()
+    x_t, y, t, s, rho = torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), torch.tensor([50, 900]), 3.0, 2.0
+    eps = torch.randn_like(x_t)
+    guided = guidance.classifier_guidance(clf, schedule, y, s, "eps", smoothing=rho, smoothing_samples=2, seed=5)
+    sigma = (1 - schedule.alphas_cumprod[t]).sqrt().float().reshape(-1, 1, 1, 1)
+    grad = guidance.smoothed_class_log_prob_gradient(clf, x_t, t, y, rho * sigma, 2, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(guided(x_t, t, eps), eps - s * sigma * grad, atol=1e-5, rtol=1e-4)
+    for bad, words in ((dict(smoothing=-1.0), "smoothing must be"), (dict(smoothing=float("nan")), "smoothing must be"),
+                       (dict(smoothing_samples=0), "smoothing_samples must be"),
+                       (dict(smoothing_samples=2.5), "smoothing_samples must be")):
+        with pytest.raises(ValueError, match=words):
+            guidance.classifier_guidance(clf, schedule, y, s, **bad)
+
+
+def test_smoothed_guided_generate_is_seeded():
+    model, clf, y = tiny_model(prediction="v"), LinearClassifier(), torch.tensor([0, 1])
+    run = lambda seed: guidance.classifier_guided_generate(model, clf, y, 20.0, smoothing=2.0, steps=3, seed=seed)
+    torch.testing.assert_close(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+    plain = guidance.classifier_guided_generate(model, clf, y, 20.0, steps=3, seed=3)
+    assert not torch.allclose(run(3), plain)
+
+
 def test_a_classifier_trained_on_another_schedule_is_refused_by_name():
     clf = NoisyClassifier(num_classes=30, widths=[8, 16], patch_size=2, schedule="linear")
     cosine = diffusion.Schedule("cosine")
@@ -263,6 +300,7 @@ def test_checks_pass_the_library_versions():
         diffusion.Schedule("linear"), eps, t, x_t, clip_x0=False, noise=torch.zeros_like(x_t))[0])
     checks.log_prob_gradient(guidance.class_log_prob_gradient)
     checks.guided_eps(lambda eps, grad, abar, s: eps - s * math.sqrt(1 - abar) * grad)
+    checks.smoothed_gradient(lambda grad_fn, x, std, noise: sum(grad_fn(x + std * n) for n in noise) / len(noise))
     def library_cfg(c, u, w):   # a "network" that answers c with a class and u without one
         k = lambda x: len(x) // len(c)
         net = lambda x, t, cond: torch.where(cond[:, None, None, None] >= 0, c.repeat(k(x), 1, 1, 1), u.repeat(k(x), 1, 1, 1))
@@ -278,6 +316,9 @@ def test_checks_pass_the_library_versions():
     (checks.log_prob_gradient, _grad_of(lambda logits: logits), "not of the log-probability"),
     (checks.log_prob_gradient, _grad_of(lambda logits: logits.softmax(-1)), "gradient of the probability"),
     (checks.guided_eps, lambda e, g, ab, s: e + s * math.sqrt(1 - ab) * g, "the sign"),
+    (checks.smoothed_gradient, lambda g, x, std, noise: g(x), "plain gradient at x_t"),
+    (checks.smoothed_gradient, lambda g, x, std, noise: sum(g(x + std * n) for n in noise), "do not sum"),
+    (checks.smoothed_gradient, lambda g, x, std, noise: g(x + std * noise.mean(0)), "not the perturbations"),
     (checks.cfg_combine, lambda c, u, w: c + w * (c - u), "convention"),
     (checks.drop_labels, lambda labels, p, g: labels.masked_fill_(torch.rand(len(labels), generator=g) < p, -1),
      "in place"),
@@ -305,9 +346,9 @@ def test_the_classifier_guidance_curve_guides_a_fresh_ddpm_with_the_zoo_classifi
     calls = []
     real = guidance.classifier_guided_generate
     monkeypatch.setattr(guidance, "classifier_guided_generate",
-                        lambda model, clf, classes, scale, **kw: calls.append((clf.zoo_preset, scale, len(classes)))
-                        or real(model, clf, classes, scale, **kw))
+                        lambda model, clf, classes, scale, **kw: calls.append(
+                            (clf.zoo_preset, scale, kw["smoothing"], len(classes))) or real(model, clf, classes, scale, **kw))
     rows = ddpm.time_to_quality("classifier_guidance", "smoke", steps=10, every=10, images=12)
-    assert calls == [("smoke", guidance.CLASSIFIER_SCALE, 12)]
+    assert calls == [("smoke", guidance.CLASSIFIER_SCALE, guidance.CLASSIFIER_SMOOTHING, 12)]
     assert [r["step"] for r in rows] == [10] and 0 <= rows[0]["caption_accuracy"] <= 1
     assert rows[0]["guidance"] == guidance.CLASSIFIER_SCALE

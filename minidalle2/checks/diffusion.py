@@ -112,6 +112,26 @@ def guided_eps(fn):
     passed(name, "eps' = eps - s sqrt(1 - alpha_bar_t) grad log p(y | x_t), at two noise levels")
 
 
+def smoothed_gradient(fn):
+    """fn(grad_fn, x_t, noise_std, noise) -> the mean over k of grad_fn(x_t + noise_std * noise[k])."""
+    name = "smoothed_gradient"
+    what = f"{name}(grad_fn, x_t, noise_std, noise)"
+    x_t, _ = _images(seed=6)
+    noise = torch.randn((3, *x_t.shape), generator=torch.Generator().manual_seed(7))
+    noise_std = torch.tensor([0.1, 0.5, 1.0, 2.0]).reshape(-1, 1, 1, 1)
+    grad_fn = lambda x: torch.tanh(3 * x)               # any nonlinear gradient field tells the mistakes apart
+    out = call(fn, grad_fn, x_t, noise_std, noise, name=name)
+    expect_shape(out, x_t.shape, what)
+    per_copy = torch.stack([grad_fn(x_t + noise_std * n) for n in noise])
+    _expect_values(out, per_copy.mean(0), [
+        (grad_fn(x_t), "that is the plain gradient at x_t: evaluate it at the perturbed copies x_t + noise_std * noise[k]"),
+        (per_copy.sum(0), "average the gradients (divide by the number of copies), do not sum them"),
+        (torch.stack([grad_fn(x_t + n) for n in noise]).mean(0), "scale each perturbation by noise_std"),
+        (grad_fn(x_t + noise_std * noise.mean(0)), "average the gradients, not the perturbations"),
+    ], name, what)
+    passed(name, "the mean gradient over perturbed copies: the gradient of the Gaussian-smoothed classifier")
+
+
 def cfg_combine(fn):
     """fn(eps_cond, eps_uncond, w) -> eps_uncond + w (eps_cond - eps_uncond)."""
     name = "cfg_combine"
