@@ -158,6 +158,7 @@ def quality_snapshot(images, guidance=None, seed=12345, classifier=None):
         on_classes = model.conditional or classifier is not None
         classes, prompts = data.pair_prompts(images, seed) if on_classes else (None, None)
         if classifier is not None:
+            classifier.to(next(model.parameters()).device)  # train() moved the model to its device
             out = classifier_guided_generate(model, classifier, classes, guidance, smoothing=CLASSIFIER_SMOOTHING,
                                              smoothing_samples=SMOOTHING_SAMPLES, seed=seed)
         else:

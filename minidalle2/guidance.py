@@ -124,6 +124,10 @@ def classifier_guided_generate(model, classifier, classes, scale, smoothing=0.0,
     """Images of `classes` from the unconditional `model`, guided by the noisy `classifier` at `scale`
     (with randomized smoothing of its gradient when smoothing > 0: see classifier_guidance)."""
     classes = _check_classes(classes, classifier.num_classes)
+    model_device, classifier_device = next(model.parameters()).device, next(classifier.parameters()).device
+    if model_device != classifier_device:
+        raise ValueError(f"the diffusion model is on {model_device} but the classifier on {classifier_device}: "
+                         "move both to the same device (classifier.to(device))")
     classifier.eval()
     out = []
     for start in range(0, len(classes), batch_size):

@@ -192,6 +192,12 @@ def test_smoothed_guided_generate_is_seeded():
     assert not torch.allclose(run(3), plain)
 
 
+def test_a_classifier_on_another_device_than_the_model_is_named():
+    model, clf = tiny_model(prediction="v"), LinearClassifier().to("meta")  # "meta": a second device on any machine
+    with pytest.raises(ValueError, match="diffusion model is on cpu but the classifier on meta"):
+        guidance.classifier_guided_generate(model, clf, torch.tensor([0, 1]), 1.0, steps=2)
+
+
 def test_a_classifier_trained_on_another_schedule_is_refused_by_name():
     clf = NoisyClassifier(num_classes=30, widths=[8, 16], patch_size=2, schedule="linear")
     cosine = diffusion.Schedule("cosine")
