@@ -1,22 +1,24 @@
-"""The command line: python -m minidalle2 {train, sample, evaluate, curve, scoreboard, course, student} --help"""
+"""The command line: python -m minidalle2 {train, sample, evaluate, curve, scoreboard, recipes, course, student} --help"""
 import argparse
 import json
 import sys
 
 
 def _train(args):
-    from . import zoo
+    from . import recipes
+    from .lab import zoo
+    recipe = recipes.get(args.name)
     if args.export:
-        meta = zoo.export(args.name, args.preset, args.export, retrain=args.retrain)
+        meta = zoo.export(recipe, args.preset, args.export, retrain=args.retrain)
         print(json.dumps(meta, indent=2))
     else:
-        zoo.load_or_train(args.name, args.preset, retrain=args.retrain)
+        zoo.load_or_train(recipe, args.preset, retrain=args.retrain)
     return 0
 
 
 def _sample(args):
-    from .scoreboard import generate
-    from .viz import image_grid
+    from .lab.viz import image_grid
+    from .recipes import generate
     import torchvision
     prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)] if args.prompt else None
     images, _ = generate(args.name, args.preset, args.n, prompts, args.seed)
@@ -26,19 +28,20 @@ def _sample(args):
 
 
 def _evaluate(args):
-    from .scoreboard import benchmark, format_other_numbers, format_table
+    from .lab.scoreboard import format_other_numbers, format_table
+    from .recipes import benchmark
     row = benchmark(args.name, args.preset, args.n, args.split, args.seed, args.scoreboard)
     print(format_table([row]))
     print(format_other_numbers(row))
     if args.json:
-        from .checkpoint import atomic_write_json
+        from .lab.checkpoint import atomic_write_json
         atomic_write_json(args.json, row)
     return 0
 
 
 def _curve(args):
-    from .checkpoint import atomic_write_json
-    from .ddpm import time_to_quality
+    from .lab.checkpoint import atomic_write_json
+    from .recipes.diffusion import time_to_quality
     rows = time_to_quality(args.name, args.preset, args.steps, args.every, args.images)
     if args.json:
         atomic_write_json(args.json, {"recipe": args.name, "preset": args.preset, "steps": args.steps,
@@ -47,14 +50,23 @@ def _curve(args):
 
 
 def _scoreboard(args):
-    from .scoreboard import format_table, load_rows
+    from .lab.scoreboard import format_table, load_rows
     print(format_table(load_rows(args.path)))
     return 0
 
 
+def _recipes(args):
+    from . import recipes
+    if args.name:
+        print(recipes.get(args.name).describe(args.preset))
+    else:
+        print(recipes.table(args.preset))
+    return 0
+
+
 def _student(args):
-    from .course import list_notebooks
-    from .exercises import exercise_count, write_student_notebooks
+    from .course.exercises import exercise_count, write_student_notebooks
+    from .course.runner import list_notebooks
     import nbformat
     paths = args.notebooks or list_notebooks(args.notebooks_dir)
     if not paths:
@@ -67,9 +79,9 @@ def _student(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["course"]:  # the course runner owns its own options
-        from .course import main as course_main
+        from .course.runner import main as course_main
         return course_main(argv[1:])
-    from .presets import PRESETS
+    from .lab.presets import PRESETS
     parser = argparse.ArgumentParser(prog="python -m minidalle2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,8 +116,8 @@ def main(argv=None):
     p.add_argument("name", choices=["ddpm", "cfg", "classifier_guidance"],
                    help="classifier_guidance: a fresh ddpm, guided by the preset's noisy classifier")
     p.add_argument("--steps", type=int, help="default: the preset's budget")
-    p.add_argument("--every", type=int, help="score every N steps (default: ddpm.SNAPSHOTS)")
-    p.add_argument("--images", type=int, help="samples per score (default: ddpm.SNAPSHOTS)")
+    p.add_argument("--every", type=int, help="score every N steps (default: the recipe's settings)")
+    p.add_argument("--images", type=int, help="samples per score (default: the recipe's settings)")
     p.add_argument("--json", metavar="PATH", help="write the curve here")
     p.set_defaults(run=_curve)
 
@@ -119,13 +131,18 @@ def main(argv=None):
     p.add_argument("--out", default="build/student", help="output folder (default: build/student)")
     p.set_defaults(run=_student)
 
+    p = sub.add_parser("recipes", help="print every recipe's budget side by side, or one recipe in full")
+    p.add_argument("name", nargs="?", help="one recipe: its model, data, budget and needs at --preset")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: every preset (one recipe: the default one)")
+    p.set_defaults(run=_recipes)
+
     sub.add_parser("course", help="run every notebook in order (see: course --help)")
     args = parser.parse_args(argv)
-    from .presets import default_preset
-    if getattr(args, "preset", "x") is None:
+    from .lab.presets import default_preset
+    if getattr(args, "preset", "x") is None and args.command != "recipes":
         args.preset = default_preset()
-    from .train import DivergenceError
-    from .zoo import ZooError
+    from .lab.train import DivergenceError
+    from .lab.zoo import ZooError
     try:
         return args.run(args)
     except (ValueError, OSError, ZooError, DivergenceError) as e:  # one clear line, no traceback

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
+from .layers import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 
 class Autoencoder(nn.Module):
@@ -129,16 +129,16 @@ def denoising_loss(model, clean, corrupted, sigma=None):
     return reconstruction_loss(model(corrupted, sigma), clean)
 
 
-# ----------------------------------------------------------------------------- loss_fns for train()
+# ----------------------------------------------------------------------------- training losses: loss_fn(model, batch)
 
-def autoencoder_loss_fn(model, batch):
+def autoencoder_loss(model, batch):
     x = batch["image"]
     x_hat = model(x)
     loss = reconstruction_loss(x_hat, x)
     return loss, {"psnr": 10 * math.log10(4.0 / max(loss.item(), 1e-12))}   # PSNR = 10 log10(2^2 / MSE)
 
 
-def denoising_loss_fn(model, batch):
+def denoising_autoencoder_loss(model, batch):
     x = batch["image"]
     x_tilde, sigma = corrupt(x)  # fresh corruption every step (train() seeds each step)
     return denoising_loss(model, x, x_tilde, sigma if model.noise_level_input else None)
@@ -173,83 +173,3 @@ def sample_random_latents(model, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = model.latent_mean.cpu() + model.latent_std.cpu() * torch.randn(n, model.latent_dim, generator=g)
     return in_batches(model.decode, z, next(model.parameters()).device).clamp(-1, 1)
-
-
-# ----------------------------------------------------------------------------- zoo recipes
-
-DEFAULT_LATENT_DIM = 64
-DEFAULT_WIDTHS = (16, 32, 64)  # measured: per CPU-second, (16, 32, 64) reaches a given PSNR faster than (32, 64, 128)
-SWEEP_LATENT_DIMS = (4, 16, 64)  # chapter 02's bottleneck sweep: recipes "autoencoder_z4", ... (a shorter budget)
-TRAIN_IMAGES = 50_000          # a fixed training set; the test split is held out for the reports
-
-
-def _fit(model, preset, run_dir, row, loss_fn):
-    from . import data
-    from .presets import train_config
-    from .train import train
-    config = train_config(row, preset)
-    dataset = data.ShapesDataset(min(TRAIN_IMAGES, max(2_000, config.steps * config.batch_size)), "train", seed=0)
-    result = train(model, loss_fn, dataset, config, run_dir=run_dir, kind=row)
-    fit_latent_gaussian(result.ema_model, dataset.get_batch(torch.arange(min(len(dataset), 5000)))["image"])
-    return result
-
-
-def held_out(n=1000, seed=7):
-    """n test-split images and their captions: what the reports measure on."""
-    from . import data
-    batch = data.ShapesDataset(n, "test", seed=seed).get_batch(torch.arange(n))
-    return batch["image"], batch["caption"]
-
-
-def reconstruction_report(model, n=1000, seed=7):
-    """Held-out reconstruction numbers: PSNR, oracle caption accuracy and validity of the reconstructions."""
-    from .scoreboard import score_reconstructions
-    images, captions = held_out(n, seed)
-    return score_reconstructions(reconstruct(model, images), images, captions)
-
-
-def denoising_report(model, sigma=0.3, n=1000, seed=7):
-    """At one noise level on held-out images: PSNR of the noisy input and of the denoised output, the gain,
-    and the oracle's caption accuracy / validity on the denoised images."""
-    from . import metrics
-    from .scoreboard import score_reconstructions
-    images, captions = held_out(n, seed)
-    noisy = add_gaussian_noise(images, sigma, torch.Generator().manual_seed(seed))
-    sigmas = torch.full((n,), float(sigma)) if model.noise_level_input else None
-    report = score_reconstructions(reconstruct(model, noisy, sigmas), images, captions)
-    psnr_noisy = metrics.psnr(noisy, images).mean().item()
-    return {"sigma": sigma, "psnr_noisy": psnr_noisy, **report, "psnr_gain": report["psnr"] - psnr_noisy}
-
-
-def _register():
-    from . import zoo
-    zoo.register(zoo.Recipe(
-        "autoencoder", "autoencoder", lambda preset: Autoencoder(DEFAULT_LATENT_DIM, DEFAULT_WIDTHS),
-        lambda model, preset, run_dir: _fit(model, preset, run_dir, "autoencoder", autoencoder_loss_fn),
-        description=f"conv auto-encoder, {DEFAULT_LATENT_DIM}-number bottleneck; samples decode z from a "
-                    "Gaussian fitted to the training latents",
-        report=reconstruction_report, sample=lambda model, prompts, n, seed: sample_random_latents(model, n, seed)))
-    zoo.register(zoo.Recipe(
-        "denoising_autoencoder", "autoencoder", lambda preset: Autoencoder(DEFAULT_LATENT_DIM, DEFAULT_WIDTHS),
-        lambda model, preset, run_dir: _fit(model, preset, run_dir, "denoising_autoencoder", denoising_loss_fn),
-        description="the same auto-encoder trained to rebuild clean images from noisy (sigma ~ U(0, 0.5)) "
-                    "or patch-masked ones", report=denoising_report))
-    for d in SWEEP_LATENT_DIMS:  # bind d now (default argument), not when the lambda runs
-        zoo.register(zoo.Recipe(
-            f"autoencoder_z{d}", "autoencoder", lambda preset, d=d: Autoencoder(d, DEFAULT_WIDTHS),
-            lambda model, preset, run_dir: _fit(model, preset, run_dir, "autoencoder_sweep", autoencoder_loss_fn),
-            training="autoencoder_sweep", description=f"bottleneck sweep: a {d}-number latent, shorter budget",
-            report=reconstruction_report))
-    zoo.register(zoo.Recipe(  # the noise level as an input: the step towards DDPM's denoiser
-        "denoising_autoencoder_sigma_in", "autoencoder", lambda preset: Autoencoder(DEFAULT_LATENT_DIM, DEFAULT_WIDTHS, noise_level_input=True),
-        lambda model, preset, run_dir: _fit(model, preset, run_dir, "denoising_autoencoder_sweep", denoising_loss_fn),
-        training="denoising_autoencoder_sweep", report=denoising_report,
-        description="denoiser told the noise level sigma (a 4th input plane); shorter budget"))
-    zoo.register(zoo.Recipe(  # its baseline at the same budget
-        "denoising_autoencoder_short", "autoencoder", lambda preset: Autoencoder(DEFAULT_LATENT_DIM, DEFAULT_WIDTHS),
-        lambda model, preset, run_dir: _fit(model, preset, run_dir, "denoising_autoencoder_sweep", denoising_loss_fn),
-        training="denoising_autoencoder_sweep", report=denoising_report,
-        description="the denoiser without the noise level, at the same shorter budget"))
-
-
-_register()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .nn import expect_images, in_batches
+from .layers import expect_images, in_batches
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)   # tau = 0.07 at the start (CLIP)
 MAX_LOGIT_SCALE = math.log(100)         # 1 / tau <= 100
@@ -282,7 +282,7 @@ def zero_shot_classify(image_features, class_features, logit_scale=None):
 
 
 def _describe(shape, color, size, pos):
-    return f"a {data.SIZES[size]} {data.COLORS[color]} {data.SHAPES[shape]} at the {data.POSITIONS[pos]}"
+    return f"a {data.object_phrase(shape, color, size)} at the {data.POSITIONS[pos]}"
 
 
 def class_prompts(attribute):
@@ -351,43 +351,3 @@ def evaluate(model, n=REPORT_IMAGES, seed=1000):
     out["temperature"] = 1 / model.logit_scale.item()
     model.train(was_training)
     return out
-
-
-# ----------------------------------------------------------------------------- the zoo recipe
-
-# model per preset (training budgets: presets.TRAINING["clip"]). cpu: see the comment of that row
-MODEL = {"smoke": dict(embed_dim=32, patch_size=8, image_width=32, image_layers=1, text_width=32, text_layers=1),
-         "cpu": dict(embed_dim=64, patch_size=8, image_width=128, image_layers=4, text_width=128, text_layers=2),
-         "full": dict(embed_dim=128, patch_size=4, image_width=256, image_layers=6, text_width=256, text_layers=4)}
-DATASET_SIZE = {"smoke": 2_000, "cpu": 50_000, "full": 100_000}
-# share of two-object scenes in training. In a batch of 256 two-object captions, colours and positions alone
-# tell the pairs apart, so they teach little about shape: at step 100 of 300, 0.2 gave R@1 0.56 on one-object
-# scenes where 0.5 gave 0.43. Two-object captions stay in (later chapters prompt with them)
-P_TWO = 0.2
-
-
-def build(preset="cpu", **overrides):
-    return CLIP(**{**MODEL[preset], **overrides})
-
-
-def fit(model, preset, run_dir=None, on_log=None, dataset=None):
-    """Train with the budget of presets.TRAINING["clip"][preset] on the train split (one- and two-object
-    scenes, the held-out combinations never shown)."""
-    from .presets import train_config
-    from .train import train
-    dataset = dataset if dataset is not None else data.ShapesDataset(DATASET_SIZE[preset], "train", seed=0, p_two=P_TWO)
-    return train(model, clip_loss, dataset, train_config("clip", preset), run_dir=run_dir, kind="clip",
-                 on_log=on_log)
-
-
-def report(model, n=REPORT_IMAGES):
-    return evaluate(model, n)
-
-
-def _register():
-    from . import zoo
-    zoo.register(zoo.Recipe("clip", "clip", build, fit, report=report,
-                            description="tiny CLIP (open_clip ViT + text transformer), contrastive on Shapes captions"))
-
-
-_register()

@@ -165,7 +165,7 @@ def _sample_chunk(n, g, split, num_objects, p_two):
     return Scenes(objects, offsets, captions)
 
 
-def describe(shape, color, size):
+def object_phrase(shape, color, size):
     return f"{SIZES[size]} {COLORS[color]} {SHAPES[shape]}"
 
 
@@ -179,8 +179,8 @@ def _caption(objs, choice):
     (s0, c0, z0, p0), (s1, c1, z1, p1) = objs
     if s1 < 0:
         template = ONE_OBJECT_TEMPLATES[choice[0] % len(ONE_OBJECT_TEMPLATES)]
-        return template.format(obj=describe(s0, c0, z0), pos=POSITIONS[p0])
-    a, b = describe(s0, c0, z0), describe(s1, c1, z1)
+        return template.format(obj=object_phrase(s0, c0, z0), pos=POSITIONS[p0])
+    a, b = object_phrase(s0, c0, z0), object_phrase(s1, c1, z1)
     options = relations_between(p0, p1)
     rel = options[choice[1] % len(options)]
     if choice[2] % 2:  # say it the other way round half of the time: "B below A" for "A above B"

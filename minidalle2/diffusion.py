@@ -7,7 +7,7 @@ Diffusion (DDPM, Ho et al. 2020; DDIM, Song et al. 2021): the process and the sa
     images = sample(model, schedule, (16, 3, 32, 32), steps=50)  # reverse: noise -> data (DDIM)
 
 As in diffusers, the network and the sampler are separate: the network is any callable
-model(x_t, t, cond=None) -> prediction (t a LongTensor (B,)), everything else lives here.
+model(x_t, t, **conditions) -> prediction (t a LongTensor (B,)), everything else lives here.
 
 Timesteps are 0 .. T-1 (the paper's 1 .. T); t = -1 stands for the clean data (alpha-bar = 1).
 The forward process has a closed form at every t:
@@ -18,16 +18,21 @@ The network predicts one of three equivalent things (given x_t, each fixes the o
 eps (the noise, DDPM), x0 (the clean image) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans &
 Ho 2022, well-behaved at both ends of the schedule).
 
-Conditioning and classifier-free guidance (Ho & Salimans 2022): `cond` is a LongTensor of class ids
-(B,) (or float vectors (B, D), e.g. CLIP embeddings), passed to the network as model(x_t, t, cond=cond).
-NULL_CLASS = -1 (for vectors: a row of NaN) means "no condition": during training diffusion_loss
-replaces a random p_uncond share of the rows by it, so one network learns both the conditional and
-the unconditional model; the network must map it to a learned "null" embedding (as unet.UNet does).
-At sampling time, guidance=w combines the two predictions as
+Conditioning and classifier-free guidance (Ho & Salimans 2022): a condition is a tensor with one row per
+image -- class ids (B,), vectors (B, D) such as CLIP embeddings, token states (B, L, D) -- passed to the
+network as a keyword input, model(x_t, t, cond=...). A network may take several (unCLIP's decoder: a CLIP
+embedding and a caption); `cond` is then a dict of them, {"cond": ..., "context": ...}. The null row
+(null_condition: -1 for integer ids, NaN for floats) means "no condition": during training
+diffusion_loss replaces a random share of each droppable condition's rows by it, each condition
+independently with its own probability, so one network learns the conditional and the unconditional
+model; the network must map the null to a learned "null" embedding (as unet.UNet does). At sampling
+time, guidance=w combines the two predictions as
 
     pred = pred_u + w (pred_c - pred_u)      w = 0: unconditional, w = 1: conditional, w > 1: guided
 
-(given x_t, eps, x0 and v are affine in each other, so guiding any of the three is the same thing).
+where pred_u nulls the conditions named in `null` (default: all of them) and keeps the others, e.g. the
+low-resolution image an upsampler is conditioned on. (Given x_t, eps, x0 and v are affine in each other,
+so guiding any of the three is the same thing.)
 """
 
 import math
@@ -157,10 +162,15 @@ def min_snr_weight(schedule, t, prediction="eps", gamma=MIN_SNR_GAMMA):
 # ----------------------------------------------------------------------------- training
 
 def null_condition(cond):
-    """"No condition" shaped like cond: NULL_CLASS (-1) ids for class ids (B,), NaN rows for vectors (B, D)
-    (e.g. CLIP embeddings; a NaN row is the -1 of vectors, so the network swaps in a learned null)."""
-    if not isinstance(cond, torch.Tensor) or cond.ndim not in (1, 2) or (cond.ndim == 2) != cond.is_floating_point():
-        raise ValueError("a droppable condition is class ids (B,) (an integer tensor) or vectors (B, D) (floats), got "
+    """"No condition" shaped like cond: NULL_CLASS (-1) ids for class ids (B,), NaN rows for float rows
+    (vectors (B, D) such as CLIP embeddings, token states (B, L, D)); a NaN row is the -1 of floats, so the
+    network swaps in a learned null."""
+    ok = isinstance(cond, torch.Tensor) and not cond.is_complex() and (
+        (cond.ndim == 1 and not cond.is_floating_point() and cond.dtype != torch.bool)
+        or (cond.ndim >= 2 and cond.is_floating_point()))
+    if not ok:
+        raise ValueError("a droppable condition is class ids (B,) (an integer tensor) or float rows (B, D) or "
+                         "(B, L, D) (vectors, token states), got "
                          f"{tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}"
                          f"{' ' + str(cond.dtype) if isinstance(cond, torch.Tensor) else ''}")
     return torch.full_like(cond, float("nan") if cond.is_floating_point() else NULL_CLASS)
@@ -175,27 +185,54 @@ def drop_condition(cond, p_uncond, generator=None):
     return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), null, cond)
 
 
+def as_conditions(cond):
+    """The network's condition inputs as a dict {keyword: tensor}: None -> {}, a tensor -> {"cond": tensor}."""
+    if cond is None:
+        return {}
+    if isinstance(cond, torch.Tensor):
+        return {"cond": cond}
+    if isinstance(cond, dict) and all(isinstance(k, str) for k in cond):
+        return {k: v for k, v in cond.items() if v is not None}
+    raise ValueError(f"cond must be None, a tensor, or a dict of named condition tensors, got {type(cond).__name__}")
+
+
+def _check_rows(conds, batch, who):
+    for name, c in conds.items():
+        if not isinstance(c, torch.Tensor) or c.ndim == 0 or len(c) != batch:
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            what = "cond" if name == "cond" else f"cond[{name!r}]"
+            raise ValueError(f"{who}: {what} must be a tensor of {batch} conditions (one row per sample) for a "
+                             f"batch of {batch}, got {got}")
+
+
 def diffusion_loss(model, batch, schedule, prediction="eps", weighting=None, cond_key=None, p_uncond=0.0,
-                   image_key="image", generator=None):
+                   image_key="image", generator=None, conditions=None):
     """The denoising loss: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps), and
-    loss = mean_b[ w_b * mean_pixels (model(x_t, t, cond) - target)^2 ], w = 1 or min-SNR-5.
+    loss = mean_b[ w_b * mean_pixels (model(x_t, t, **conds) - target)^2 ], w = 1 or min-SNR-5.
 
     For train.train: loss_fn = functools.partial(diffusion_loss, schedule=schedule, prediction="v").
-    cond_key names the batch entry of conditions (e.g. "cond": class ids); None: an unconditional model.
+    conditions = {name: p_drop}: the network's condition inputs, read from the batch entries of the same name,
+    each replaced by its null in a random share p_drop of the rows (independently). cond_key / p_uncond is the
+    one-condition shorthand: the batch entry cond_key, passed as cond=. None of either: an unconditional model.
     Random draws use `generator` (CPU) if given, else torch's global RNG (which train.train seeds)."""
     if weighting not in (None, "min_snr"):
         raise ValueError(f"weighting must be None or 'min_snr', got {weighting!r}")
     _check_prediction(prediction)
+    if cond_key is not None and conditions:
+        raise ValueError("diffusion_loss: give cond_key (one condition) or conditions (several), not both")
+    sources = {"cond": (cond_key, p_uncond)} if cond_key is not None else \
+        {name: (name, p) for name, p in (conditions or {}).items()}
     x0 = batch[image_key]
     t = torch.randint(0, schedule.T, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_t = q_sample(schedule, x0, t, noise)
-    cond = None
-    if cond_key is not None:
-        if cond_key not in batch:
-            raise ValueError(f"diffusion_loss: cond_key {cond_key!r} is not in the batch (keys: {sorted(batch)})")
-        cond = drop_condition(batch[cond_key], p_uncond, generator) if p_uncond > 0 else batch[cond_key]
-    pred = _call(model, x_t, t.to(x0.device), cond).float()
+    conds = {}
+    for name, (key, p_drop) in sources.items():
+        if key not in batch:
+            what = "cond_key" if cond_key is not None else "the condition"
+            raise ValueError(f"diffusion_loss: {what} {key!r} is not in the batch (keys: {sorted(batch)})")
+        conds[name] = drop_condition(batch[key], p_drop, generator) if p_drop > 0 else batch[key]
+    pred = _call(model, x_t, t.to(x0.device), conds).float()
     target = training_target(schedule, x0, noise, t, prediction).float()
     mse = (pred - target).pow(2).flatten(1).mean(1)                          # (B,)
     weights = min_snr_weight(schedule, t, prediction).to(mse.device) if weighting == "min_snr" else 1.0
@@ -203,9 +240,9 @@ def diffusion_loss(model, batch, schedule, prediction="eps", weighting=None, con
     return loss, {"mse": mse.mean().detach()}
 
 
-def _call(model, x, t, cond):
-    """model(x, t[, cond=cond]) with a clear error if its output does not have the shape of x."""
-    out = model(x, t) if cond is None else model(x, t, cond=cond)
+def _call(model, x, t, conds):
+    """model(x, t, **conds) with a clear error if its output does not have the shape of x."""
+    out = model(x, t, **conds)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return a prediction shaped like x_t {tuple(x.shape)}, got {got}")
@@ -296,23 +333,29 @@ def timesteps(schedule, steps, spacing="trailing"):
     raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
 
 
-def guided_prediction(model, x_t, t, cond=None, guidance=None):
-    """The network's prediction at (x_t, t), with guidance: None; a callable
-    guidance(x_t, t, prediction) -> prediction (e.g. classifier guidance; it runs under no_grad,
-    use torch.enable_grad() inside); or a CFG scale w: pred_u + w (pred_c - pred_u)."""
+def guided_prediction(model, x_t, t, cond=None, guidance=None, null=None):
+    """The network's prediction at (x_t, t) given `cond` (None, a tensor passed as cond=, or a dict of named
+    conditions), with guidance: None; a callable guidance(x_t, t, prediction) -> prediction (e.g. classifier
+    guidance; it runs under no_grad, use torch.enable_grad() inside); or a CFG scale w: pred_u + w (pred_c - pred_u),
+    where pred_u replaces the conditions named in `null` (default: all) by null_condition."""
     t = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device) if isinstance(t, int) else t
+    conds = as_conditions(cond)
     if guidance is None or callable(guidance):
-        pred = _call(model, x_t, t, cond)
+        pred = _call(model, x_t, t, conds)
         return pred if guidance is None else guidance(x_t, t, pred)
     _check_scale(guidance, "guidance scale")
-    if cond is None:
-        raise ValueError("classifier-free guidance (a guidance scale) needs cond: class ids (B,) or vectors (B, D)")
-    null = null_condition(cond)
+    null = tuple(conds) if null is None else tuple(null)
+    unknown = [name for name in null if name not in conds]
+    if not null or unknown:
+        raise ValueError("classifier-free guidance (a guidance scale) needs cond, and nulls only conditions it was "
+                         f"given: got {sorted(conds) or 'none'}, asked to null {list(null) or 'none'}")
     if guidance == 1:                            # purely conditional: one call
-        return _call(model, x_t, t, cond)
+        return _call(model, x_t, t, conds)
+    nulled = {k: null_condition(v) if k in null else v for k, v in conds.items()}
     if guidance == 0:                            # purely unconditional: one call
-        return _call(model, x_t, t, null)
-    both = _call(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        return _call(model, x_t, t, nulled)
+    both = _call(model, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                 {k: torch.cat([conds[k], nulled[k]]) for k in conds})
     pred_c, pred_u = both.chunk(2)
     return pred_u + guidance * (pred_c - pred_u)
 
@@ -327,12 +370,13 @@ def _check_shape(shape):
 @torch.no_grad()
 def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, guidance=None, seed=0,
            clip_x0=True, progress=False, prediction="eps", variance="fixed_small", spacing="trailing",
-           device=None):
+           device=None, null=None):
     """Draw samples of `shape` by running the reverse process over `steps` timesteps (see timesteps()).
 
     method "ddim" (eta = 0: deterministic) or "ddpm" (ancestral, `variance` fixed_small / fixed_large).
-    cond: class ids (B,) for a conditional model; guidance: None, a CFG scale w >= 0 (needs cond), or a
-    callable (see guided_prediction). All noise comes from one CPU generator seeded with `seed`, so the
+    cond: the network's condition(s), one row per sample (a tensor passed as cond=, or a dict of named tensors);
+    guidance: None, a CFG scale w >= 0 (nulls the conditions named in `null`, default all), or a callable
+    (see guided_prediction). Samples of shape (B, C, H, W) are images; (B, D) vectors work the same way. All noise comes from one CPU generator seeded with `seed`, so the
     result does not depend on the global RNG, and the noise is the same on every device."""
     shape = _check_shape(shape)
     if method not in ("ddim", "ddpm"):
@@ -345,17 +389,15 @@ def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, 
     if device is None:
         param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else torch.device("cpu")
-    if cond is not None:
-        if not isinstance(cond, torch.Tensor) or cond.ndim == 0 or len(cond) != shape[0]:
-            raise ValueError(f"cond must be a tensor of {shape[0]} conditions (e.g. class ids (B,)) for a batch of "
-                             f"{shape[0]}, got {tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
-        cond = cond.to(device)
+    conds = as_conditions(cond)
+    _check_rows(conds, shape[0], "sample")
+    conds = {k: v.to(device) for k, v in conds.items()}
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(device)                  # x_T ~ N(0, I)
     stochastic = method == "ddpm" or eta > 0
     for i, t in enumerate(tqdm(ts, desc=method, disable=not progress)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        pred = guided_prediction(model, x, t, cond, guidance)
+        pred = guided_prediction(model, x, t, conds, guidance, null)
         noise = torch.randn(shape, generator=g).to(device) if stochastic else None
         if method == "ddim":
             x, _ = ddim_step(schedule, pred, t, x, t_prev, prediction, eta, clip_x0, noise)

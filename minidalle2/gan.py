@@ -2,8 +2,8 @@
 GAN: a generator and a discriminator trained against each other (Goodfellow et al. 2014).
 
     gan = GAN()                                  # G: z (B, 64) -> image;  D: image -> logit
-    result = train(gan, make_gan_loss("nonsaturating"), ShapesDataset(50_000), train_config("gan", "cpu"))
-    images = sample(result.ema_model, None, n=64, seed=0)    # from the EMA copy of G
+    loss, logs = gan_loss(gan, {"image": real})  # one simultaneous step's loss (kind="nonsaturating")
+    images = gan.sample(64, seed=0)                # the recipe (recipes/gan.py) samples the EMA copy of G
 
 The two-player game, with D(x) = sigmoid(logit(x)) the probability that x is real:
 
@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
-from . import nn as mnn
+from . import layers
 
 LOSSES = ("nonsaturating", "saturating", "hinge")
 
@@ -92,7 +92,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        mnn.expect_latents(z, self.latent_dim, "Generator")
+        layers.expect_latents(z, self.latent_dim, "Generator")
         return self.net(self.project(z).view(len(z), self.top, self.start, self.start))
 
 
@@ -113,7 +113,7 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, images):
-        return self.net(mnn.expect_images(images, 3, self.resolution, "GAN discriminator")).squeeze(1)
+        return self.net(layers.expect_images(images, 3, self.resolution, "GAN discriminator")).squeeze(1)
 
 
 class ResNetDiscriminator(nn.Module):
@@ -121,7 +121,7 @@ class ResNetDiscriminator(nn.Module):
 
     def __init__(self, widths=(16, 32, 64), resolution=32, spectral=True):
         super().__init__()
-        self.encoder = mnn.ConvEncoder(3, resolution, widths, out_features=1, norm=None, spectral=spectral,
+        self.encoder = layers.ConvEncoder(3, resolution, widths, out_features=1, norm=None, spectral=spectral,
                                        activation=lambda: nn.LeakyReLU(0.2))
 
     def forward(self, images):
@@ -159,7 +159,7 @@ class GAN(nn.Module):
     def sample(self, n, seed=0, batch_size=500):
         """n images in [-1, 1]; the same seed gives the same images."""
         z = self.latents(n, seed)
-        return mnn.in_batches(self.generator, z, z.device, batch_size)
+        return layers.in_batches(self.generator, z, z.device, batch_size)
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -185,66 +185,3 @@ def gan_loss(model, batch, kind="nonsaturating"):
     return d_loss + g_loss, metrics
 
 
-def make_gan_loss(kind="nonsaturating"):
-    """loss_fn(model, batch) for train.train, with the chosen loss family."""
-    _check_kind(kind)
-
-    def loss_fn(model, batch):
-        return gan_loss(model, batch, kind)
-    loss_fn.__name__ = f"gan_loss_{kind}"
-    return loss_fn
-
-
-# ----------------------------------------------------------------------------- recipe
-
-DATASET_SIZE = {"smoke": 2_000, "cpu": 50_000, "full": 100_000}
-# the "bad setting" of the notebook's instability demo: no spectral norm, the saturating G loss,
-# and presets.TRAINING["gan_unstable"] (a learning rate that is too high)
-UNSTABLE = {"model": {"spectral": False}, "kind": "saturating", "row": "gan_unstable"}
-
-
-def build(preset="cpu", **overrides):
-    return GAN(**overrides)
-
-
-def fit(model, preset, run_dir=None, row="gan", kind="nonsaturating", on_log=None, dataset=None):
-    """Train `model` with the budget of presets.TRAINING[row][preset]; returns train()'s TrainResult."""
-    from .data import ShapesDataset
-    from .presets import train_config
-    from .train import train
-    dataset = dataset if dataset is not None else ShapesDataset(DATASET_SIZE[preset], "train", seed=0)
-    return train(model, make_gan_loss(kind), dataset, train_config(row, preset), run_dir=run_dir,
-                 kind="gan", on_log=on_log)
-
-
-def fit_with_snapshots(model, preset, row="gan", kind="nonsaturating", fixed_z=None, every=None):
-    """fit(), plus G's images for the same fixed z every `every` steps (the sample grid over training).
-    Returns (TrainResult, [(step, images)])."""
-    from .presets import train_config
-    every = every or max(1, train_config(row, preset).log_every)
-    fixed_z = fixed_z if fixed_z is not None else model.latents(8, seed=0)
-    snapshots = []
-
-    def on_log(entry):
-        if entry["step"] % every == 0:
-            model.generator.eval()
-            with torch.no_grad():
-                snapshots.append((entry["step"], model.generator(fixed_z).float().cpu()))
-            model.generator.train()
-    return fit(model, preset, row=row, kind=kind, on_log=on_log), snapshots
-
-
-def sample(model, prompts, n, seed=0):
-    """The zoo's sampler: unconditional, so prompts must be None."""
-    if prompts is not None:
-        raise ValueError("the GAN is unconditional: pass prompts=None")
-    return model.sample(n, seed)
-
-
-def _register():
-    from . import zoo
-    zoo.register(zoo.Recipe("gan", "gan", build, fit, sample=sample, conditional=False,
-                            description="unconditional GAN: non-saturating loss, spectral-norm D, EMA of G"))
-
-
-_register()

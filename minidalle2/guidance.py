@@ -12,11 +12,11 @@ moves the reverse mean by s (beta_t / sqrt(alpha_t)) grad log p, which is the pa
 s Sigma grad log p with Sigma = beta_t, up to the factor 1/sqrt(alpha_t) ~ 1. The classifier is
 NoisyClassifier, trained on (x_t, t) pairs with noisy_classifier_loss.
 
-A classifier's raw input gradient is partly adversarial: followed at s = 8 (cpu, 300 samples, notebook 10
-section 6), the classifier itself reads the requested class in 95% of the final images, the oracle in 45%
-(97% and 63% with smoothing). Averaging the gradient over Gaussian perturbations of x_t (randomized
-smoothing, Cohen et al. 2019) is the gradient of a smoother classifier, which only changes where the
-picture does; `smoothing` > 0 turns it on.
+A classifier's raw input gradient is partly adversarial: followed at a large scale, it makes images the
+classifier itself reads as the requested class far more often than the oracle does (notebook 10 section 6
+measures the gap). Averaging the gradient over Gaussian perturbations of x_t (randomized smoothing, Cohen
+et al. 2019) is the gradient of a smoother classifier, which only changes where the picture does;
+`smoothing` > 0 turns it on.
 
 Classifier-free guidance (Ho & Salimans 2022): one network, trained with the class replaced by a learned
 "null" class 15% of the time, predicts both eps_c = eps(x_t, y) and eps_u = eps(x_t, null), and
@@ -24,18 +24,15 @@ Classifier-free guidance (Ho & Salimans 2022): one network, trained with the cla
     eps' = eps_u + w (eps_c - eps_u)        w = 0: unconditional, w = 1: conditional, w > 1: guided
 
 (diffusion.guided_prediction; the convention of Ho & Salimans' 1 + w is our w). Both trade diversity
-for fidelity; `guidance_sweep` measures the trade with the oracle, never with the guiding classifier.
+for fidelity; recipes/diffusion.py's `sweep` measures the trade with the oracle, never with the guiding classifier.
 """
-
-import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from . import data, ddpm
+from . import data
+from .diffusion_model import SAMPLE_STEPS, class_batch
 from .diffusion import _check_scale, predict_x0_eps, q_sample, training_target
-from .unet import NoisyClassifier
 
 # ----------------------------------------------------------------------------- classifier guidance
 
@@ -120,7 +117,7 @@ SMOOTHING_SEED_OFFSET = 1_000_003
 
 @torch.no_grad()
 def classifier_guided_generate(model, classifier, classes, scale, smoothing=0.0, smoothing_samples=4,
-                               steps=ddpm.SAMPLE_STEPS, eta=None, seed=0, batch_size=500, progress=False):
+                               steps=SAMPLE_STEPS, eta=None, seed=0, batch_size=500, progress=False):
     """Images of `classes` from the unconditional `model`, guided by the noisy `classifier` at `scale`
     (with randomized smoothing of its gradient when smoothing > 0: see classifier_guidance)."""
     classes = _check_classes(classes, classifier.num_classes)
@@ -143,7 +140,7 @@ def noisy_classifier_loss(classifier, batch, schedule):
     """Cross-entropy of the class (shape x colour) from x_t at a random t: the classifier guidance needs."""
     _check_same_noise(classifier, schedule)
     x0 = batch["image"]
-    y = ddpm.class_batch(batch)["cond"].to(x0.device)
+    y = class_batch(batch)["cond"].to(x0.device)
     t = torch.randint(0, schedule.T, (len(x0),))
     x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
     logits = classifier(x_t, t.to(x0.device)).float()
@@ -159,7 +156,7 @@ def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     classifier.eval()
     test = data.ShapesDataset(n, "test", seed=seed, num_objects=1)
     batch = test.get_batch(torch.arange(n))
-    y = ddpm.class_batch(batch)["cond"]
+    y = class_batch(batch)["cond"]
     g = torch.Generator().manual_seed(seed)
     out, edges = {}, [round(i * schedule.T / bins) for i in range(bins + 1)]
     for lo, hi in zip(edges, edges[1:]):
@@ -171,7 +168,7 @@ def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     return out
 
 
-# ----------------------------------------------------------------------------- measuring the trade-off
+# ----------------------------------------------------------------------------- prompts
 
 def classes_from_prompts(prompts):
     """Class ids of one-object prompts that name a shape and a colour ('a red circle'); a clear error otherwise."""
@@ -185,139 +182,3 @@ def classes_from_prompts(prompts):
                              f"the prompt {str(p)!r} does not name exactly that (try 'a red circle')")
         ids.append(data.pair_id(parsed.objects[0].shape, parsed.objects[0].color))
     return torch.tensor(ids, dtype=torch.long)
-
-
-def guidance_sweep(generate, scales, n=300, seed=0, oracle=None):
-    """For each scale: images = generate(classes, scale) for n balanced classes, scored by the oracle
-    against the class captions. Rows: scale, caption_accuracy, attr_shape, attr_color, diversity_per_prompt,
-    coverage, validity, fid, sample_seconds."""
-    from .scoreboard import score
-    classes, prompts = data.pair_prompts(n, seed)
-    rows = []
-    for scale in scales:
-        start = time.perf_counter()
-        images = generate(classes, scale)
-        seconds = time.perf_counter() - start
-        report = score(images, prompts, oracle=oracle, seed=seed)
-        rows.append({"scale": scale, **report, "sample_seconds": seconds})
-    return rows
-
-
-SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
-CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)   # smoothed gradients bear larger scales
-SWEEP_IMAGES = {"smoke": 60, "cpu": 300, "full": 1000}
-
-
-def sweep(recipe, preset, scales=None, n=None, seed=0, smoothing=None):
-    """guidance_sweep of the zoo model `recipe` ("classifier_guidance" or "cfg") at `preset`, cached in
-    <cache>/sweeps/ beside the models it measures, so notebook 11 can plot chapter 10's sweep next to its own.
-    Classifier guidance uses the recipe's CLASSIFIER_SMOOTHING unless `smoothing` is given (0: the plain rule)."""
-    from . import zoo
-    from .checkpoint import atomic_write_json, load_checkpoint
-    if recipe not in ("classifier_guidance", "cfg"):
-        raise ValueError(f"sweep: recipe must be 'classifier_guidance' or 'cfg', got {recipe!r}")
-    if smoothing is not None and recipe == "cfg":
-        raise ValueError("sweep: smoothing is a classifier guidance setting; cfg has no classifier to smooth")
-    smoothing = CLASSIFIER_SMOOTHING if smoothing is None else smoothing
-    scales = scales or (CLASSIFIER_SCALES if recipe == "classifier_guidance" else SCALES)
-    n = n or SWEEP_IMAGES[preset]
-    models = [recipe] + (["ddpm"] if recipe == "classifier_guidance" else [])
-    loaded = [zoo.load_or_train(name, preset) for name in models]
-    fingerprints = [load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("fingerprint") for name in models]
-    key = {"models": fingerprints, "scales": [float(s) for s in scales], "n": n, "seed": seed,
-           "sampler": {"steps": ddpm.SAMPLE_STEPS, "eta": ddpm.SAMPLE_ETA}}
-    name = recipe
-    if recipe == "classifier_guidance":
-        key["smoothing"] = {"rho": float(smoothing), "samples": SMOOTHING_SAMPLES}
-        name += f"_smoothing{float(smoothing):g}"
-    path = zoo.cache_dir() / "sweeps" / f"{name}_{preset}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["rows"]
-    if recipe == "cfg":
-        generate = lambda classes, w: loaded[0].generate(len(classes), cond=classes, guidance=w, seed=seed)
-    else:
-        generate = lambda classes, s: classifier_guided_generate(loaded[1], loaded[0], classes, s, smoothing,
-                                                                 SMOOTHING_SAMPLES, seed=seed)
-    rows = guidance_sweep(generate, scales, n, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"key": key, "rows": rows})
-    return rows
-
-
-# ----------------------------------------------------------------------------- the zoo recipes
-
-CLASSIFIER_NET = {"smoke": dict(widths=[16, 32], patch_size=2),
-                  "cpu": dict(widths=[32, 64, 64], patch_size=2),
-                  "full": dict(widths=[64, 128, 128], patch_size=1)}
-P_UNCOND = 0.15
-# the scales the benchmark rows use, from the cpu sweeps in notebooks 10 and 11 (cosine schedule). Classifier guidance,
-# smoothed (rho = 2, 4 samples), 1,000 samples: 0.647 / 0.632 / 0.622 caption accuracy at s = 8 / 12 / 16, FID 15.6 /
-# 20.6 / 24.2 (the plain rule: 0.517 at its best, s = 4); the benchmark row at s = 8, with its own smoothing noise,
-# 0.629. At s = 8 on 300 samples, rho = 1 / 2 / 3 gave 0.630 / 0.640 / 0.530. CFG, 300 samples: 0.817 / 0.927 /
-# 0.797 at w = 1 / 2 / 4.
-CLASSIFIER_SCALE = 8.0
-CLASSIFIER_SMOOTHING = 2.0      # rho: perturb x_t by twice the noise it already holds
-SMOOTHING_SAMPLES = 4           # gradients averaged per step (8: 0.667 against 0.647 on 300 samples, in 1.6x the time)
-CFG_SCALE = 2.0
-
-
-def build_classifier(preset="cpu"):
-    return NoisyClassifier(num_classes=data.NUM_PAIRS, num_timesteps=ddpm.PROCESS["T"],
-                           schedule=ddpm.PROCESS["schedule"], **CLASSIFIER_NET[preset])
-
-
-def classifier_schedule():
-    """The diffusion process of the "ddpm" recipe: the classifier must see the noise that model samples through."""
-    from .diffusion import Schedule
-    return Schedule(ddpm.PROCESS["schedule"], ddpm.PROCESS["T"])
-
-
-def fit_classifier(model, preset, run_dir=None):
-    from .presets import train_config
-    from .train import train
-    loss = lambda m, b: noisy_classifier_loss(m, b, classifier_schedule())
-    return train(model, loss, ddpm.shapes_dataset(preset), train_config("noisy_classifier", preset),
-                 run_dir=run_dir, kind="noisy_classifier")
-
-
-def sample_classifier_guided(classifier, prompts, n, seed):
-    """The zoo's sampler: the classifier guides the "ddpm" model of its own preset."""
-    from . import zoo
-    preset = getattr(classifier, "zoo_preset", None)
-    if preset is None:
-        raise ValueError("this classifier was not loaded with zoo.load_or_train, so which 'ddpm' it guides is unknown; "
-                         "call classifier_guided_generate(diffusion_model, classifier, classes, scale)")
-    diffusion_model = zoo.load_or_train("ddpm", preset)
-    return classifier_guided_generate(diffusion_model, classifier, classes_from_prompts(prompts), CLASSIFIER_SCALE,
-                                      CLASSIFIER_SMOOTHING, SMOOTHING_SAMPLES, seed=seed)
-
-
-def build_cfg(preset="cpu"):
-    return ddpm.build(preset, num_classes=data.NUM_PAIRS, p_uncond=P_UNCOND)
-
-
-def fit_cfg(model, preset, run_dir=None):
-    return ddpm.fit(model, preset, run_dir, recipe="cfg", loss=ddpm.class_loss, guidance=CFG_SCALE)
-
-
-def sample_cfg(model, prompts, n, seed):
-    return model.generate(n, cond=classes_from_prompts(prompts), guidance=CFG_SCALE, seed=seed)
-
-
-def _register():
-    from . import zoo
-    prompts = lambda n, seed: data.pair_prompts(n, seed)[1]
-    zoo.register(zoo.Recipe(
-        "classifier_guidance", "noisy_classifier", build_classifier, fit_classifier, conditional=True,
-        sample=sample_classifier_guided, prompts=prompts, training="noisy_classifier",
-        report=lambda m: {f"classifier_accuracy {k}": v for k, v in accuracy_by_timestep(m, classifier_schedule()).items()},
-        description=f"noisy classifier p(y | x_t, t) guiding the 'ddpm' model at scale {CLASSIFIER_SCALE}, "
-                    f"its gradient smoothed over {SMOOTHING_SAMPLES} perturbations of rho = {CLASSIFIER_SMOOTHING}"))
-    zoo.register(zoo.Recipe(
-        "cfg", "diffusion", build_cfg, fit_cfg, sample=sample_cfg, conditional=True, prompts=prompts,
-        description=f"class-conditional DDPM with condition dropout {P_UNCOND}, sampled with CFG w = {CFG_SCALE}"))
-
-
-_register()

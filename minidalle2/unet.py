@@ -33,69 +33,26 @@ NoisyClassifier reuses the down path on noisy images x_t: the classifier of clas
 which must be trained on (x_t, t) pairs because it is asked for grad log p(y | x_t) at every step.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import expect_images
+from .layers import SpatialSelfAttention, expect_images, group_norm, timestep_embedding, zero_init
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim): [sin(t w_0..w_{h-1}), cos(t w_0..w_{h-1})],
-    w_i = max_period^(-i/h), h = dim // 2 (Transformer positions, as in DDPM); odd dim pads a 0."""
-    if not isinstance(t, torch.Tensor) or t.ndim != 1:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"timestep_embedding expects t of shape (B,), got {shape}")
-    if dim < 2:
-        raise ValueError(f"timestep_embedding needs dim >= 2, got {dim}")
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]                              # (B, half): t * w_i
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-def _norm(channels):
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
-def _zero(module):
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual; the output projection starts at zero."""
-
-    def __init__(self, channels, head_dim=32):
-        super().__init__()
-        self.heads = max(1, channels // head_dim)
-        self.norm, self.qkv = _norm(channels), nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)                        # softmax(q k^T / sqrt(d)) v
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
-
-
-class ResBlock(nn.Module):
+class FiLMResBlock(nn.Module):
     """x + conv(drop(silu(FiLM(norm(conv(silu(norm(x)))), emb)))), then self-attention if asked.
     The second conv starts at zero, so each block starts as the identity (a deep net that trains
     like a shallow one at first)."""
 
     def __init__(self, in_channels, out_channels, emb_dim, dropout=0.0, attention=False):
         super().__init__()
-        self.norm1, self.conv1 = _norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2, self.drop = _norm(out_channels), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.norm2, self.drop = group_norm(out_channels), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        self.attention = Attention(out_channels) if attention else None
+        self.attention = SpatialSelfAttention(out_channels) if attention else None
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -184,7 +141,7 @@ class DownPath(nn.Module):
         for i, w in enumerate(widths):
             level = nn.ModuleList()
             for _ in range(blocks_per_level):
-                level.append(ResBlock(width, w, emb_dim, dropout, attention=i in attention_levels))
+                level.append(FiLMResBlock(width, w, emb_dim, dropout, attention=i in attention_levels))
                 width = w
             if i < len(widths) - 1:
                 level.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
@@ -195,7 +152,7 @@ class DownPath(nn.Module):
         skips = [h]
         for level in self.levels:
             for layer in level:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+                h = layer(h, emb) if isinstance(layer, FiLMResBlock) else layer(h)
                 skips.append(h)
         return h, skips
 
@@ -235,9 +192,9 @@ class UNet(nn.Module):
         self.embed = Embedding(widths[0], time_dim, num_classes, cond_dim, num_timesteps, "UNet")
         self.down = DownPath(channels + image_cond_channels, widths, blocks_per_level, attention_levels,
                              time_dim, patch_size, dropout)
-        self.mid = nn.ModuleList([ResBlock(widths[-1], widths[-1], time_dim, dropout,
+        self.mid = nn.ModuleList([FiLMResBlock(widths[-1], widths[-1], time_dim, dropout,
                                            attention=len(widths) - 1 in attention_levels),
-                                  ResBlock(widths[-1], widths[-1], time_dim, dropout)])
+                                  FiLMResBlock(widths[-1], widths[-1], time_dim, dropout)])
         # the widths of the down path's skips, in order: the stem, each block, each downsample
         skip_widths = [widths[0]] + [w for i, w in enumerate(widths)
                                      for _ in range(blocks_per_level + (i < len(widths) - 1))]
@@ -245,15 +202,15 @@ class UNet(nn.Module):
         for i, w in reversed(list(enumerate(widths))):
             level = nn.ModuleList()
             for _ in range(blocks_per_level + 1):          # one more block than down: it reads the downsample's skip
-                level.append(ResBlock(width + skip_widths.pop(), w, time_dim, dropout, attention=i in attention_levels))
+                level.append(FiLMResBlock(width + skip_widths.pop(), w, time_dim, dropout, attention=i in attention_levels))
                 width = w
             if i > 0:
                 level.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1)))
             self.up.append(level)
-        self.head = nn.Sequential(_norm(widths[0]), nn.SiLU(),
+        self.head = nn.Sequential(group_norm(widths[0]), nn.SiLU(),
                                   nn.Conv2d(widths[0], channels * patch_size ** 2, 3, padding=1),
                                   nn.PixelShuffle(patch_size))                    # pixel shuffle: un-patchify
-        _zero(self.head[2])                                                 # the untrained net predicts 0
+        zero_init(self.head[2])                                                 # the untrained net predicts 0
 
     def null_condition(self, batch, device=None):
         """The "no condition" cond for a batch: class ids -1, or NaN rows; None if unconditional."""
@@ -275,7 +232,7 @@ class UNet(nn.Module):
             h = layer(h, emb)
         for level in self.up:
             for layer in level:
-                if isinstance(layer, ResBlock):
+                if isinstance(layer, FiLMResBlock):
                     h = layer(torch.cat([h, skips.pop()], dim=1), emb)     # the skip connection
                 else:
                     h = layer(h)                                           # upsample
@@ -310,9 +267,9 @@ class NoisyClassifier(nn.Module):
         self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
         self.embed = Embedding(widths[0], time_dim, num_timesteps=num_timesteps, who="NoisyClassifier")
         self.down = DownPath(channels, widths, blocks_per_level, attention_levels, time_dim, patch_size, dropout)
-        self.mid = ResBlock(widths[-1], widths[-1], time_dim, dropout)
+        self.mid = FiLMResBlock(widths[-1], widths[-1], time_dim, dropout)
         pool = nn.AdaptiveAvgPool2d(1) if head == "mean" else nn.Identity()
-        self.out = nn.Sequential(_norm(widths[-1]), nn.SiLU(), pool, nn.Flatten(),
+        self.out = nn.Sequential(group_norm(widths[-1]), nn.SiLU(), pool, nn.Flatten(),
                                  nn.Linear(widths[-1] * (1 if head == "mean" else side * side), num_classes))
 
     def forward(self, x, t):

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
+from .layers import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 PIXEL_LEVELS = 256
 HALF_BIN = 1.0 / (PIXEL_LEVELS - 1)   # [-1, 1] holds 256 levels 2/255 apart: each bin is +-1/255
@@ -330,65 +330,3 @@ def sample_with_prior(model, prior, n, seed=0):
     """n images decoded (mean, in [-1, 1]) from codes drawn from a learned prior instead of N(0, I)."""
     z = prior.sample(n, seed).to(next(model.parameters()).device)
     return in_batches(lambda c: model.decode(c)[0].clamp(-1, 1), z, z.device, 500)
-
-
-# ----------------------------------------------------------------------------- the zoo recipe
-
-# model per preset (the training budgets are presets.TRAINING["vae"])
-# cpu: the small widths buy ~3x more steps than (32, 64, 128) in the same time, which mattered more here
-MODEL = {"smoke": dict(latent_dim=16, widths=(16, 32, 64), kl_warmup_steps=10, log_scale_init=-4.0),
-         "cpu": dict(latent_dim=32, widths=(16, 32, 64), kl_warmup_steps=800, log_scale_init=-4.0),
-         "full": dict(latent_dim=32, widths=(32, 64, 128), kl_warmup_steps=3000, log_scale_init=-4.0)}
-REPORT_IMAGES = 1000   # held-out test images behind every reported number
-PRIOR_IMAGES, PRIOR_COMPONENTS = 20_000, 1024   # the recipe's MixturePrior: 1,024 Gaussians on 20k training codes
-
-
-def _build(preset):
-    return VAE(**MODEL[preset])
-
-
-def _fit(model, preset, run_dir):
-    from .data import ShapesDataset
-    from .presets import train_config
-    from .train import train
-    config = train_config("vae", preset)
-    dataset = ShapesDataset(min(config.steps * config.batch_size, 50_000), "train", seed=0)
-    return train(model, vae_loss, dataset, config, run_dir=run_dir, kind="vae")
-
-
-def _sample(model, prompts, n, seed):
-    return model.sample(n, seed)
-
-
-def fit_recipe_prior(model):
-    """The recipe's MixturePrior: PRIOR_COMPONENTS Gaussians fitted to the codes of PRIOR_IMAGES training images."""
-    from . import data
-    images = data.ShapesDataset(PRIOR_IMAGES, "train", seed=0).get_batch(torch.arange(PRIOR_IMAGES))["image"]
-    return fit_mixture_prior(model, images, k=PRIOR_COMPONENTS)
-
-
-def report(model, n=REPORT_IMAGES, seed=1000):
-    """Measured on n held-out test images: reconstruction PSNR and oracle caption accuracy (from the
-    posterior mean), ELBO in bits/dim (discretized likelihood: real bits/dim of 8-bit pixels), active units;
-    and the oracle validity of n samples drawn with the learned MixturePrior instead of N(0, I)."""
-    from . import data
-    from .oracle import load_oracle, read
-    from .scoreboard import score_reconstructions
-    test = data.ShapesDataset(n, "test", seed=seed)
-    images = test.get_batch(torch.arange(n))["image"]
-    recon = in_batches(model.reconstruct, images, next(model.parameters()).device, batch_size=250)
-    numbers = score_reconstructions(recon, images, test.scenes.captions)
-    held_out = evaluate(model, images, seed=seed)
-    learned = sample_with_prior(model, fit_recipe_prior(model), n, seed=seed)
-    return {**numbers, **{k: held_out[k] for k in ("elbo_bits_per_dim", "nll_bits_per_dim",
-                                                    "kl_bits_per_dim", "kl_nats", "active_units")},
-            "mixture_prior_validity": read(load_oracle(), learned).valid.float().mean().item()}
-
-
-def _register():
-    from . import zoo
-    zoo.register(zoo.Recipe("vae", "vae", _build, _fit, sample=_sample, conditional=False, report=report,
-                            description="VAE: Gaussian q(z|x), N(0, I) prior, discretized-logistic decoder"))
-
-
-_register()

@@ -8,8 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from minidalle2.presets import TrainConfig
-from minidalle2.train import train
+from minidalle2.lab.train import TrainConfig, train
 
 CONFIG = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, lr_schedule="cosine", grad_clip=1.0,
                      ema_decay=0.9, weight_decay=0.1, seed=3, device="cpu", log_every=1)
@@ -54,10 +53,10 @@ def mse(model, batch):
 
 def train_through_zoo(cache):
     """`torchrun ... ddp_worker.py zoo CACHE`: train-or-load under DDP; only rank 0 may touch the cache."""
-    from minidalle2 import zoo
-    fit = lambda model, preset, run_dir: train(model, mse, make_dataset(), CONFIG, run_dir=run_dir)
-    zoo.register(zoo.Recipe("ddp_toy", kind="toy", build=lambda preset: MLP(), fit=fit, training="toy"))
-    zoo.load_or_train("ddp_toy", "smoke", cache=cache, progress=False)
+    from minidalle2.lab import zoo
+    fit = lambda model, job: train(model, mse, make_dataset(), CONFIG, run_dir=job.run_dir)
+    recipe = zoo.Recipe("ddp_toy", kind="toy", build=MLP, fit=fit, training={p: CONFIG.to_dict() for p in ("smoke", "cpu", "full")})
+    zoo.load_or_train(recipe, "smoke", cache=cache, progress=False)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dataclasses
+
 from minidalle2 import autoencoder as ae
-from minidalle2 import metrics, presets, zoo
-from minidalle2.checks import autoencoder as checks
-from minidalle2.checks.core import CheckFailed
-from minidalle2.nn import ConvDecoder, ConvEncoder
-from minidalle2.presets import TrainConfig
-from minidalle2.train import train
+from minidalle2 import recipes
+from minidalle2.recipes import autoencoder as ae_recipes
+from minidalle2.lab import metrics, presets, zoo
+from minidalle2.course.checks import autoencoder as checks
+from minidalle2.course.checks.core import CheckFailed
+from minidalle2.layers import ConvDecoder, ConvEncoder
+from minidalle2.lab.train import TrainConfig
+from minidalle2.lab.train import train
 
 TINY = dict(latent_dim=16, widths=(8, 16, 16))
 
@@ -118,16 +122,16 @@ def test_overfits_one_batch_and_is_deterministic():
     for steps in (60, 5):
         torch.manual_seed(0)
         model = ae.Autoencoder(**TINY)
-        results.append(train(model, ae.autoencoder_loss_fn, dataset, tiny_config(steps), progress=False))
+        results.append(train(model, ae.autoencoder_loss, dataset, tiny_config(steps), progress=False))
     history = results[0].history
     assert history[-1]["psnr"] > history[0]["psnr"] + 6 and history[-1]["psnr"] > 18
     torch.manual_seed(0)
-    again = train(ae.Autoencoder(**TINY), ae.autoencoder_loss_fn, dataset, tiny_config(5), progress=False)
+    again = train(ae.Autoencoder(**TINY), ae.autoencoder_loss, dataset, tiny_config(5), progress=False)
     for a, b in zip(results[1].model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)                                         # same seed, same weights
     torch.manual_seed(0)
     dae = ae.Autoencoder(**TINY, noise_level_input=True)                 # the denoising loss trains too
-    h = train(dae, ae.denoising_loss_fn, dataset, tiny_config(30), progress=False).history
+    h = train(dae, ae.denoising_autoencoder_loss, dataset, tiny_config(30), progress=False).history
     assert h[-1]["loss"] < h[0]["loss"] / 2
 
 
@@ -142,20 +146,20 @@ def test_latent_gaussian_and_random_samples():
 
 def test_recipes_round_trip_through_the_zoo(monkeypatch, tmp_path):
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(ae, "DEFAULT_WIDTHS", (8, 8, 8))
-    for row in ("autoencoder", "denoising_autoencoder"):
-        monkeypatch.setitem(presets.TRAINING[row], "smoke", dict(steps=3, batch_size=8, lr=1e-3, device="cpu"))
-    model = zoo.load_or_train("autoencoder", "smoke", progress=False)
-    assert model.latent_std.abs().sum() > 0 and not torch.equal(model.latent_std, torch.ones(ae.DEFAULT_LATENT_DIM))
-    again = zoo.load_or_train("autoencoder", "smoke", progress=False)          # loads, no retraining
+    small = lambda r: dataclasses.replace(  # the chapter's recipe at a tinier size and budget
+        r, model={"smoke": {**r.model["smoke"], "widths": (8, 8, 8)}},
+        training={**r.training, "smoke": dict(steps=3, batch_size=8, lr=1e-3, device="cpu")})
+    recipe, denoiser = small(recipes.get("autoencoder")), small(recipes.get("denoising_autoencoder"))
+    model = zoo.load_or_train(recipe, "smoke", progress=False)
+    assert model.latent_std.abs().sum() > 0 and not torch.equal(model.latent_std, torch.ones(ae_recipes.LATENT_DIM))
+    again = zoo.load_or_train(recipe, "smoke", progress=False)          # loads, no retraining
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
-    recipe = zoo.get_recipe("autoencoder")
     assert recipe.sample(again, None, 3, 0).shape == (3, 3, 32, 32)
-    dae = zoo.load_or_train("denoising_autoencoder", "smoke", progress=False)
-    report = ae.denoising_report(dae, n=20)
+    dae = zoo.load_or_train(denoiser, "smoke", progress=False)
+    report = ae_recipes.denoising_report(dae, n=20)
     assert abs(report["psnr_noisy"] - 16.5) < 0.5 and report["psnr_gain"] == report["psnr"] - report["psnr_noisy"]
-    assert zoo.get_recipe("denoising_autoencoder").sample is None
+    assert denoiser.sample is None
 
 
 # ----------------------------------------------------------------------------- exercise checks

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from minidalle2 import checkpoint
-from minidalle2.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, load_model,
+from minidalle2.lab import checkpoint
+from minidalle2.lab.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, load_model,
                                    load_state_into, save_checkpoint, save_model)
 
 

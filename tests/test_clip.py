@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle2 import clip, zoo
-from minidalle2.checks import CheckFailed
-from minidalle2.checks import clip as checks
-from minidalle2.checkpoint import load_model, save_model
+from minidalle2 import clip, recipes
+from minidalle2.lab import zoo
+from minidalle2.course.checks import CheckFailed
+from minidalle2.course.checks import clip as checks
+from minidalle2.lab.checkpoint import load_model, save_model
 from minidalle2.data import ShapesDataset
-from minidalle2.presets import TrainConfig
-from minidalle2.train import train
+from minidalle2.lab.train import TrainConfig
+from minidalle2.lab.train import train
 
 TINY = dict(embed_dim=16, patch_size=8, image_width=32, image_layers=1, text_width=32, text_layers=1, context_length=20)
 
@@ -76,7 +77,7 @@ def test_temperature_starts_at_007_and_is_clamped_at_100(batch):
 
 
 def test_no_weight_decay_on_gains_biases_and_temperature():
-    from minidalle2.train import make_optimizer
+    from minidalle2.lab.train import make_optimizer
     model = tiny()
     groups = make_optimizer(model, TrainConfig(steps=1, batch_size=1, lr=1e-3, weight_decay=0.1)).param_groups
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -133,8 +134,8 @@ def test_model_round_trips_through_safetensors(tmp_path, batch):
 
 
 def test_frozen_encoders_stay_frozen_downstream(tmp_path, batch):
-    zoo.load_or_train("clip", "smoke", cache=tmp_path, progress=False)
-    frozen = zoo.load_or_train("clip", "smoke", cache=tmp_path, progress=False)   # as a later chapter gets it
+    recipes.load("clip", "smoke", cache=tmp_path, progress=False)
+    frozen = recipes.load("clip", "smoke", cache=tmp_path, progress=False)   # as a later chapter gets it
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
 
@@ -239,12 +240,12 @@ def test_zero_shot_check_catches_mistakes(wrong, match):
 # ----------------------------------------------------------------------------- recipe and adapter
 
 def test_recipe_trains_caches_and_reports(tmp_path):
-    recipe = zoo.get_recipe("clip")
+    recipe = recipes.get("clip")
     assert recipe.sample is None and recipe.report is not None
-    model = zoo.load_or_train("clip", "smoke", cache=tmp_path, progress=False)
-    again = zoo.load_or_train("clip", "smoke", cache=tmp_path, progress=False)
+    model = recipes.load("clip", "smoke", cache=tmp_path, progress=False)
+    again = recipes.load("clip", "smoke", cache=tmp_path, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    history = zoo.training_history("clip", "smoke", cache=tmp_path)
+    history = recipes.training_history("clip", "smoke", cache=tmp_path)
     assert history and "logit_scale" in history[0]
     numbers = clip.evaluate(model, n=32)
     for key in ("r1_text_to_image", "r1_image_to_text", "zero_shot_shape", "zero_shot_color",

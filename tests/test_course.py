@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle2 import course, viz
+from minidalle2.lab import viz
+from minidalle2.course import runner as course
 
 
 def write_notebook(path, *sources, params='PRESET = "cpu"'):
@@ -176,13 +177,13 @@ def test_machine_description_names_cpu_and_torch():
 # -----------------------------------------------------------------------------
 # viz
 
-def test_to_uint8():
+def test_to_numpy_uint8():
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3).expand(2, 3, 1, 3).contiguous()
-    u = viz.to_uint8(x)
+    u = viz.to_numpy_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (2, 1, 3, 3)
     assert u[0, 0, :, 0].tolist() == [0, 128, 255]
-    assert viz.to_uint8(torch.zeros(4, 1, 8, 8)).shape == (4, 8, 8, 1)
-    assert viz.to_uint8(np.zeros((1, 3, 2, 2), dtype=np.float32)).shape == (1, 2, 2, 3)
+    assert viz.to_numpy_uint8(torch.zeros(4, 1, 8, 8)).shape == (4, 8, 8, 1)
+    assert viz.to_numpy_uint8(np.zeros((1, 3, 2, 2), dtype=np.float32)).shape == (1, 2, 2, 3)
 
 
 @pytest.mark.parametrize("bad, error, match", [
@@ -197,7 +198,7 @@ def test_to_uint8():
 ])
 def test_viz_rejects_bad_images(bad, error, match):
     with pytest.raises(error, match=match):
-        viz.to_uint8(bad)
+        viz.to_numpy_uint8(bad)
     with pytest.raises(error, match=match):
         viz.image_grid(bad)
 

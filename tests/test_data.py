@@ -5,7 +5,7 @@ import torch
 from minidalle2 import data
 from minidalle2.data import (COLOR_RGB, HELD_OUT_IDS, ShapesDataset, parse_caption, render, sample_scenes,
                              scenes_from_prompts, triple_id)
-from minidalle2.oracle import matches
+from minidalle2.lab.oracle import matches
 
 
 def test_same_seed_same_images_and_captions():

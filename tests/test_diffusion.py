@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from minidalle2 import diffusion as D
-from minidalle2.presets import TrainConfig
-from minidalle2.train import train
+from minidalle2.lab.train import TrainConfig
+from minidalle2.lab.train import train
 
 PARITY_ATOL = 1e-5
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}

@@ -4,9 +4,9 @@ import nbformat
 import pytest
 import torch
 
-from minidalle2 import exercises
+from minidalle2.course import exercises
 from minidalle2.__main__ import main as cli
-from minidalle2.checks import CheckFailed, call, expect_close, expect_scalar, expect_shape, passed
+from minidalle2.course.checks import CheckFailed, call, expect_close, expect_scalar, expect_shape, passed
 
 SOLUTION = '''def square(x):
     """x squared."""

@@ -1,20 +1,24 @@
-"""Chapters 09-11: DiffusionModel (ddpm.py), classifier guidance and CFG (guidance.py). Math and behaviour."""
+"""Chapters 09-11: DiffusionModel (diffusion_model.py), classifier guidance and CFG (guidance.py), their recipes
+(recipes/diffusion.py). Math and behaviour."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from minidalle2 import data, ddpm, diffusion, guidance
-from minidalle2.checkpoint import load_model, save_model
-from minidalle2.unet import NoisyClassifier
+from minidalle2 import data, diffusion, diffusion_model, guidance
+from minidalle2.diffusion_model import DiffusionModel
+from minidalle2.recipes import diffusion as recipe
+from minidalle2.lab.checkpoint import load_model, save_model
+from minidalle2.unet import NoisyClassifier, UNet
 
 TINY = dict(widths=[8, 16], patch_size=2, attention_levels=[1])
 
 
-def tiny_model(**kwargs):
+def tiny_model(num_classes=None, p_uncond=0.0, **process):
     torch.manual_seed(0)
-    return ddpm.DiffusionModel(TINY | {"num_classes": kwargs.pop("num_classes", None)}, **kwargs)
+    conditions = {"cond": p_uncond} if num_classes is not None or p_uncond else None
+    return recipe.unet_diffusion(TINY | {"num_classes": num_classes}, conditions=conditions, **process)
 
 
 class LinearClassifier(nn.Module):
@@ -35,15 +39,15 @@ class LinearClassifier(nn.Module):
 def test_config_round_trip_rebuilds_the_same_model(tmp_path):
     model = tiny_model(prediction="v", weighting="min_snr", num_classes=30, p_uncond=0.1)
     save_model(model, tmp_path / "m", "diffusion")
-    loaded = load_model(tmp_path / "m", lambda **config: ddpm.DiffusionModel(**config), "diffusion")
-    assert loaded.prediction == "v" and loaded.weighting == "min_snr" and loaded.p_uncond == 0.1
+    loaded = load_model(tmp_path / "m", DiffusionModel.factory(UNet), "diffusion")
+    assert loaded.prediction == "v" and loaded.weighting == "min_snr" and loaded.conditions == {"cond": 0.1}
     x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([3, 900]), torch.tensor([0, 29])
     torch.testing.assert_close(loaded(x, t, c), model(x, t, c))
 
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(prediction="noise"), "prediction"), (dict(weighting="snr"), "weighting"),
-    (dict(p_uncond=1.0), "p_uncond"), (dict(p_uncond=0.1), "has none")])
+    (dict(p_uncond=1.0), "drop probability"), (dict(p_uncond=0.1), "has none")])
 def test_bad_process_settings_are_named(kwargs, words):
     with pytest.raises(ValueError, match=words):
         tiny_model(**kwargs)
@@ -90,7 +94,7 @@ def test_generate_rejects_bad_input():
 
 def test_a_conditional_model_overfits_one_batch():
     model = tiny_model(prediction="x0", num_classes=30)
-    data_batch = ddpm.class_batch(data.ShapesDataset(8, "train", num_objects=1).get_batch(torch.arange(8)))
+    data_batch = diffusion_model.class_batch(data.ShapesDataset(8, "train", num_objects=1).get_batch(torch.arange(8)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for step in range(100):
@@ -210,8 +214,8 @@ def test_a_classifier_trained_on_another_schedule_is_refused_by_name():
     with pytest.raises(ValueError, match="T = 1000, but .* T = 500"):
         guidance.classifier_guidance(clf, diffusion.Schedule("linear", 500), torch.tensor([0]), 1.0)
     # the zoo's classifier is built for the zoo's diffusion process
-    assert guidance.build_classifier("smoke").config["schedule"] == ddpm.PROCESS["schedule"]
-    assert guidance.classifier_schedule().name == ddpm.PROCESS["schedule"]
+    assert recipe.CLASSIFIER_GUIDANCE.build_model("smoke").config["schedule"] == recipe.PROCESS["schedule"]
+    assert recipe.classifier_schedule().name == recipe.PROCESS["schedule"]
 
 
 def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
@@ -230,16 +234,18 @@ def test_classifier_guided_generate_runs_and_the_classifier_moves_the_samples():
     assert (p_guided > p_plain).all()
 
 
-def test_the_zoo_sampler_names_a_classifier_that_did_not_come_from_the_zoo():
-    with pytest.raises(ValueError, match="not loaded with zoo.load_or_train"):
-        guidance.sample_classifier_guided(guidance.build_classifier("smoke"), ["a red circle"], 1, seed=0)
+def test_the_classifier_guidance_recipe_declares_the_ddpm_it_guides():
+    # the zoo hands the same preset's ddpm to its sampler (no side channel on the classifier)
+    assert recipe.CLASSIFIER_GUIDANCE.needs == (recipe.DDPM,)
+    with pytest.raises(TypeError, match="needs"):
+        recipe.sample_classifier_guided(recipe.CLASSIFIER_GUIDANCE.build_model("smoke"), ["a red circle"], 1, 0)
 
 
 def test_generate_defaults_to_the_library_sampler_and_guided_generate_passes_eta_on():
     model = tiny_model(prediction="v")
     default = model.generate(2, steps=4, seed=1)
-    torch.testing.assert_close(default, model.generate(2, steps=4, eta=ddpm.SAMPLE_ETA, seed=1))
-    assert not torch.allclose(default, model.generate(2, steps=4, eta=1.0 - ddpm.SAMPLE_ETA, seed=1))
+    torch.testing.assert_close(default, model.generate(2, steps=4, eta=diffusion_model.SAMPLE_ETA, seed=1))
+    assert not torch.allclose(default, model.generate(2, steps=4, eta=1.0 - diffusion_model.SAMPLE_ETA, seed=1))
     assert model.generate(2, method="ddpm", steps=4, seed=1).shape == (2, 3, 32, 32)   # DDPM has no eta to default
     clf, y = LinearClassifier(), torch.tensor([0, 2])
     for eta in (0.0, 1.0):
@@ -282,15 +288,15 @@ def test_prompts_a_class_model_cannot_draw_are_named():
 def test_guidance_sweep_scores_each_scale_with_the_oracle():
     def exact_renders(classes, scale):    # a perfect "generator": real renders of the class captions
         return data.render(data.scenes_from_prompts([data.pair_caption(c) for c in classes.tolist()], seed=1))
-    rows = guidance.guidance_sweep(exact_renders, [0.0, 2.0], n=60)
+    rows = recipe.guidance_sweep(exact_renders, [0.0, 2.0], n=60)
     assert [r["scale"] for r in rows] == [0.0, 2.0]
     assert all(r["caption_accuracy"] > 0.95 and "diversity_per_prompt" in r for r in rows)
 
 
 # ----------------------------------------------------------------------------- exercise checks
 
-from minidalle2.checks import CheckFailed  # noqa: E402
-from minidalle2.checks import diffusion as checks  # noqa: E402
+from minidalle2.course.checks import CheckFailed  # noqa: E402
+from minidalle2.course.checks import diffusion as checks  # noqa: E402
 
 
 def _grad_of(select):
@@ -337,24 +343,25 @@ def test_checks_name_common_mistakes(check, wrong, match):
 
 
 def test_time_to_quality_scores_a_fresh_model_every_k_steps():
-    rows = ddpm.time_to_quality("cfg", "smoke", steps=10, every=5, images=30)
+    rows = recipe.time_to_quality("cfg", "smoke", steps=10, every=5, images=30)
     assert [r["step"] for r in rows] == [5, 10]
     assert all(set(r) == {"step", "minutes", "validity", "fid", "coverage", "caption_accuracy", "guidance"} for r in rows)
-    assert rows[0]["guidance"] == guidance.CFG_SCALE
+    assert rows[0]["guidance"] == recipe.CFG_SCALE
     assert rows[0]["minutes"] < rows[1]["minutes"]
     with pytest.raises(ValueError, match="recipe must be"):
-        ddpm.time_to_quality("gan", "smoke")
+        recipe.time_to_quality("gan", "smoke")
 
 
 def test_the_classifier_guidance_curve_guides_a_fresh_ddpm_with_the_zoo_classifier(monkeypatch, tmp_path):
-    from minidalle2 import zoo
+    from minidalle2.lab import zoo
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
     calls = []
     real = guidance.classifier_guided_generate
-    monkeypatch.setattr(guidance, "classifier_guided_generate",
+    monkeypatch.setattr(recipe, "classifier_guided_generate",
                         lambda model, clf, classes, scale, **kw: calls.append(
-                            (clf.zoo_preset, scale, kw["smoothing"], len(classes))) or real(model, clf, classes, scale, **kw))
-    rows = ddpm.time_to_quality("classifier_guidance", "smoke", steps=10, every=10, images=12)
-    assert calls == [("smoke", guidance.CLASSIFIER_SCALE, guidance.CLASSIFIER_SMOOTHING, 12)]
+                            (type(clf).__name__, scale, kw["smoothing"], len(classes))) or real(model, clf, classes, scale, **kw))
+    rows = recipe.time_to_quality("classifier_guidance", "smoke", steps=10, every=10, images=12)
+    assert calls == [("NoisyClassifier", recipe.CLASSIFIER_SCALE, recipe.CLASSIFIER_SMOOTHING, 12)]
     assert [r["step"] for r in rows] == [10] and 0 <= rows[0]["caption_accuracy"] <= 1
-    assert rows[0]["guidance"] == guidance.CLASSIFIER_SCALE
+    assert rows[0]["guidance"] == recipe.CLASSIFIER_SCALE
+    assert (tmp_path / "classifier_guidance" / "smoke" / "model.safetensors").exists()   # the zoo's classifier

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle2.metrics import (
+from minidalle2.lab.metrics import (
     coverage,
     frechet_distance,
     frechet_distance_from_stats,
@@ -197,7 +197,7 @@ def test_input_validation_messages():
 
 
 def test_psnr_closed_form():
-    from minidalle2.metrics import psnr
+    from minidalle2.lab.metrics import psnr
     targets = torch.zeros(3, 3, 8, 8)
     images = targets + torch.tensor([0.2, 0.02, 2.0]).view(3, 1, 1, 1)
     # MSE 0.04, 0.0004, 4 with peak-to-peak 2: 10 log10(4 / MSE) = 20, 40, 0 dB

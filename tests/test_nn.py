@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minidalle2.nn import ConvDecoder, ConvEncoder, ResBlock, expect_images
+from minidalle2.layers import ConvDecoder, ConvEncoder, ResBlock, expect_images
 
 
 def test_encoder_decoder_shapes_and_gradients():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minidalle2 import course, exercises
+from minidalle2.course import runner as course
+from minidalle2.course import exercises
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = course.list_notebooks(NOTEBOOKS_DIR) if NOTEBOOKS_DIR.is_dir() else []

@@ -6,7 +6,7 @@ import torch
 
 from minidalle2 import data
 from minidalle2.data import ObjectSpec, Prompt
-from minidalle2.oracle import (WEIGHTS, Oracle, cell_targets, check_images, load_oracle, matches, oracle_accuracy,
+from minidalle2.lab.oracle import (WEIGHTS, Oracle, cell_targets, check_readable, load_oracle, matches, oracle_accuracy,
                                oracle_loss, read, render_training_batch)
 
 
@@ -95,7 +95,7 @@ def test_loss_decreases_on_one_batch():
 ])
 def test_bad_images_get_clear_errors(images, error, words):
     with pytest.raises(error, match=words):
-        check_images(images)
+        check_readable(images)
 
 
 def test_missing_weights_error(tmp_path):

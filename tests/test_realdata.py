@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle2.realdata import class_names, expected_files, load_real
+from minidalle2.lab.realdata import class_names, expected_files, load_real
 
 
 def write_idx(path, array):

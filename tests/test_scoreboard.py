@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidalle2 import data
-from minidalle2.scoreboard import add_row, format_other_numbers, format_table, load_rows, reference_images, score
+from minidalle2.lab.scoreboard import add_row, format_other_numbers, format_table, load_rows, reference_images, score
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_cli_lists_commands_and_benchmarks_real(tmp_path):
 
 
 def test_reconstruction_scores(real):
-    from minidalle2.scoreboard import score_reconstructions
+    from minidalle2.lab.scoreboard import score_reconstructions
     images, captions = real
     perfect = score_reconstructions(images, images, captions)
     assert perfect["recon_caption_accuracy"] >= 0.98 and perfect["psnr"] > 100
@@ -119,12 +119,16 @@ def test_reconstruction_scores(real):
 
 def test_benchmark_row_of_a_recipe_that_only_reports(tmp_path, monkeypatch):
     """A denoiser is not a generator: its row holds its report and its train time, no sample scores."""
-    from minidalle2 import scoreboard, zoo
-    recipe = zoo.Recipe("denoiser_demo", "demo", build=None, fit=None, report=lambda model: {"psnr_gain": 12.5})
-    monkeypatch.setattr(zoo, "get_recipe", lambda name: recipe)
-    monkeypatch.setattr(zoo, "load_or_train", lambda name, preset: torch.nn.Identity())
-    row = scoreboard.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")
+    import dataclasses
+    from minidalle2.lab import zoo
+    from minidalle2.recipes import evaluate
+    recipe = zoo.Recipe("denoiser_demo", "demo", build=None, fit=lambda model, job: None,
+                        training={p: dict(steps=1, batch_size=1, lr=1.0) for p in ("smoke", "cpu", "full")},
+                        report=lambda model: {"psnr_gain": 12.5})
+    monkeypatch.setattr(evaluate, "get", lambda name: recipe)
+    monkeypatch.setattr(zoo, "load_or_train", lambda recipe, preset: torch.nn.Identity())
+    row = evaluate.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")
     assert row["psnr_gain"] == 12.5 and row["model"] == "denoiser_demo" and "validity" not in row
-    recipe.report = None
+    recipe = dataclasses.replace(recipe, report=None)
     with pytest.raises(ValueError, match="neither generates"):
-        scoreboard.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")
+        evaluate.benchmark("denoiser_demo", "smoke", n=10, path=tmp_path / "b.jsonl")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from minidalle2.checkpoint import CheckpointError, load_checkpoint, load_model
-from minidalle2.presets import TrainConfig, train_config
-from minidalle2.train import DivergenceError, lr_factor, make_optimizer, train
+from minidalle2.lab.checkpoint import CheckpointError, load_checkpoint, load_model
+from minidalle2 import recipes
+from minidalle2.lab.train import TrainConfig
+from minidalle2.lab.train import DivergenceError, lr_factor, make_optimizer, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
@@ -254,7 +255,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="ema_decay"):
         config(ema_decay=1.5)
     with pytest.raises(ValueError, match="unknown preset 'big'; choose one of: smoke, cpu, full"):
-        train_config("toy", "big")
+        recipes.get("vae").train_config("big")
 
 
 def _free_port():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minidalle2.checkpoint import load_model, save_model
+from minidalle2.lab.checkpoint import load_model, save_model
 from minidalle2.diffusion import drop_condition
 from minidalle2.unet import NoisyClassifier, UNet, timestep_embedding
 

@@ -4,13 +4,15 @@ import math
 import pytest
 import torch
 
-from minidalle2 import vae, zoo
-from minidalle2.checks import CheckFailed
-from minidalle2.checks import vae as checks
-from minidalle2.checkpoint import load_model, save_model
+from minidalle2 import recipes, vae
+from minidalle2.recipes import vae as vae_recipes
+from minidalle2.lab import zoo
+from minidalle2.course.checks import CheckFailed
+from minidalle2.course.checks import vae as checks
+from minidalle2.lab.checkpoint import load_model, save_model
 from minidalle2.data import ShapesDataset
-from minidalle2.presets import TrainConfig
-from minidalle2.train import train
+from minidalle2.lab.train import TrainConfig
+from minidalle2.lab.train import train
 
 TINY = dict(latent_dim=4, widths=(8, 8, 8))
 
@@ -201,15 +203,15 @@ def test_negative_elbo_check_catches_mistakes(wrong, match):
 # ----------------------------------------------------------------------------- the recipe
 
 def test_recipe_round_trip_at_smoke(tmp_path):
-    recipe = zoo.get_recipe("vae")
+    recipe = recipes.get("vae")
     assert recipe.sample is not None and not recipe.conditional
-    model = zoo.load_or_train("vae", "smoke", cache=tmp_path, progress=False)
-    again = zoo.load_or_train("vae", "smoke", cache=tmp_path, progress=False)
+    model = recipes.load("vae", "smoke", cache=tmp_path, progress=False)
+    again = recipes.load("vae", "smoke", cache=tmp_path, progress=False)
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     images = recipe.sample(model, None, 5, 0)
     assert images.shape == (5, 3, 32, 32) and torch.equal(images, recipe.sample(again, None, 5, 0))
-    numbers = vae.report(model, n=40)
+    numbers = vae_recipes.report(model, n=40)
     for key in ("psnr", "recon_caption_accuracy", "recon_validity", "elbo_bits_per_dim", "active_units"):
         assert key in numbers
 

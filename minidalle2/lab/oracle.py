@@ -19,15 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data
-from .data import COLORS, GRID, SHAPES, SIZES
+from .. import data
+from ..data import COLORS, GRID, SHAPES, SIZES
 
 CELLS = GRID * GRID
 OCCUPANCY = ("empty", "object", "junk")
 HEADS = {"occupancy": len(OCCUPANCY), "shape": len(SHAPES), "color": len(COLORS), "size": len(SIZES)}
 INPUT_SIZE = 48            # every image is resized to 48x48, so each grid cell is exactly 16x16 pixels
 CONFIDENT = 0.9            # a reading is "valid" only if every decision is at least this sure
-WEIGHTS = Path(__file__).parent / "weights" / "oracle"
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oracle"
 
 
 class Oracle(nn.Module):
@@ -157,7 +157,7 @@ def oracle_loss(model, batch):
 
 # ----------------------------------------------------------------------------- reading images
 
-def check_images(images):
+def check_readable(images):
     """Clear errors for what the oracle cannot read, instead of a deep torch traceback."""
     data.check_images(images, channels=(3,), slack=0.05)  # generators may overshoot a little
     if len(images) == 0:
@@ -179,7 +179,7 @@ class Reading:
 @torch.no_grad()
 def read(oracle, images, batch_size=500):
     """Run the oracle on images (N, 3, R, R) in [-1, 1]."""
-    check_images(images)
+    check_readable(images)
     device = next(oracle.parameters()).device
     cell = torch.cat([oracle.cell_features(images[i:i + batch_size].float().to(device))
                       for i in range(0, len(images), batch_size)])
@@ -242,7 +242,7 @@ def load_oracle(path=None):
     return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- accuracy, recipe
+# ----------------------------------------------------------------------------- accuracy
 
 @torch.no_grad()
 def oracle_accuracy(oracle, n=2000, seed=12345):
@@ -268,29 +268,3 @@ def oracle_accuracy(oracle, n=2000, seed=12345):
         report[str(resolution)] = acc
     report["images"] = n
     return report
-
-
-def _build(preset):
-    return Oracle()
-
-
-def _fit(model, preset, run_dir):
-    from .presets import train_config
-    from .train import train
-    config = train_config("oracle", preset)
-    labels = SceneLabels(min(config.steps * config.batch_size, 100_000), seed=1)
-    result = train(model, oracle_loss, labels, config, run_dir=run_dir, kind="oracle")
-    with torch.no_grad():
-        real = data.render(data.sample_scenes(2000, "all", seed=2))
-        features = result.model.cell_features(real.to(next(result.model.parameters()).device)).flatten(1)
-        result.model.feature_scale.fill_(features.float().pow(2).mean().rsqrt().item())
-    return result
-
-
-def _register():
-    from . import zoo
-    zoo.register(zoo.Recipe("oracle", "oracle", _build, _fit, report=oracle_accuracy, version=2,
-                            description="reads shape, colour, size and cell of every object; flags junk"))
-
-
-_register()

@@ -13,26 +13,26 @@ import textwrap
 import numpy as np
 import torch
 
-from .data import check_images, to_uint8 as data_to_uint8
+from .. import data
 
 RANGE_SLACK = 1e-3  # model outputs may overshoot [-1, 1] by rounding; beyond this is an error
 
 
-def _check_images(images, name="images"):
+def _as_images(images, name="images"):
     """Validate an (N, C, H, W) batch in [-1, 1] (tensor or numpy) and return it as a float CPU tensor."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    return check_images(images, slack=RANGE_SLACK, name=name)
+    return data.check_images(images, slack=RANGE_SLACK, name=name)
 
 
-def to_uint8(images):
+def to_numpy_uint8(images):
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 numpy array in [0, 255]."""
-    return data_to_uint8(_check_images(images).clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
+    return data.to_uint8(_as_images(images).clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images, nrow=8, padding=2, pad_value=1.0):
     """Tile (N, C, H, W) images into one (C, H', W') image, nrow images per row, white padding."""
-    x = _check_images(images)
+    x = _as_images(images)
     n, c, h, w = x.shape
     if n == 0:
         raise ValueError("images is an empty batch")
@@ -54,7 +54,7 @@ def show_grid(images, captions=None, nrow=8, figsize=None, ax=None, title=None, 
     import matplotlib.pyplot as plt
 
     captions = captions if captions is not None else titles
-    x = _check_images(images)
+    x = _as_images(images)
     n = x.shape[0]
     if n == 0:
         raise ValueError("images is an empty batch")
@@ -67,7 +67,7 @@ def show_grid(images, captions=None, nrow=8, figsize=None, ax=None, title=None, 
     if captions is None:
         if ax is None:
             _, ax = plt.subplots(figsize=figsize or (min(1.2 * ncol, 16), min(1.2 * nrows, 16)))
-        img = to_uint8(image_grid(x, nrow=nrow)[None])[0]
+        img = to_numpy_uint8(image_grid(x, nrow=nrow)[None])[0]
         ax.imshow(img[..., 0] if cmap else img, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
         ax.set_axis_off()
     else:
@@ -78,7 +78,7 @@ def show_grid(images, captions=None, nrow=8, figsize=None, ax=None, title=None, 
             _, ax = plt.subplots(figsize=figsize or (1.8 * ncol, cell_h * nrows))
         ax.set_axis_off()
         img_frac = 1.6 / cell_h  # share of each cell's height that the image takes
-        pics = to_uint8(x)
+        pics = to_numpy_uint8(x)
         for i in range(n):
             r, k = divmod(i, ncol)
             sub = ax.inset_axes([k / ncol + 0.05 / ncol, 1 - (r + img_frac) / nrows,

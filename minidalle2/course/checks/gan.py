@@ -8,7 +8,7 @@
 import torch
 import torch.nn.functional as F
 
-from .. import gan
+from ... import gan
 from .core import CheckFailed, call, expect_close, expect_scalar, passed
 
 

@@ -22,15 +22,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from . import data, metrics
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from .. import data
+from . import metrics
+from .checkpoint import atomic_write_bytes
 from .oracle import load_oracle, matches, read
 from .train import machine_description
+from .zoo import cache_dir
 
 SCOREBOARD_ENV = "MINIDALLE2_SCOREBOARD"
 ATTRIBUTES = ("shape", "color", "size", "position")
@@ -134,7 +135,6 @@ def score_reconstructions(reconstructions, originals, captions, oracle=None):
 # ----------------------------------------------------------------------------- the table
 
 def default_path() -> Path:
-    from .zoo import cache_dir
     return Path(os.environ.get(SCOREBOARD_ENV) or cache_dir() / "scoreboard.jsonl")
 
 
@@ -178,58 +178,3 @@ def format_other_numbers(row, columns=COLUMNS) -> str:
     """The row's numbers that the table has no column for (a CLIP's R@1, a VAE's ELBO...), one per line."""
     return "\n".join(f"{k}: {v:.4g}" for k, v in sorted(row.items())
                      if k not in columns and isinstance(v, (int, float)) and not isinstance(v, bool))
-
-
-# ----------------------------------------------------------------------------- benchmark command
-
-def generate(name, preset, n, prompts=None, seed=0):
-    """n samples of a registered generator, and its training time (seconds, None if unknown).
-    The name "real" renders the prompts exactly: the ceiling every generator is compared with."""
-    if name == "real":
-        scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
-        return data.render(scenes), 0.0
-    from . import zoo
-    recipe = zoo.get_recipe(name)
-    if recipe.sample is None:
-        raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
-    if recipe.conditional and prompts is None and recipe.prompts is not None:
-        prompts = recipe.prompts(n, seed)             # e.g. balanced class captions for a class-conditional model
-    model = zoo.load_or_train(name, preset)
-    return recipe.sample(model, prompts if recipe.conditional else None, n, seed), _train_seconds(name, preset)
-
-
-def _train_seconds(name, preset):
-    from . import zoo
-    try:  # the train time is a nicety in the table, never a reason to fail
-        return load_checkpoint(zoo.cache_dir() / name / preset / "model")[1].get("seconds")
-    except CheckpointError:
-        return None
-
-
-def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
-    """The benchmark command: sample n images (prompts = captions of `split`), score, add a row.
-    A recipe with a `report` (e.g. reconstruction PSNR of an auto-encoder) adds those numbers too;
-    a recipe that does not generate (a denoiser) gets a row of its report alone."""
-    from . import zoo
-    recipe = None if name == "real" else zoo.get_recipe(name)
-    report, sample_seconds, train_seconds = {}, None, None
-    if recipe is None or recipe.sample is not None:
-        if recipe is not None and recipe.prompts is not None:  # e.g. class prompts for a class-conditional model
-            prompts = recipe.prompts(n, seed + 100)
-        else:
-            prompts = data.sample_scenes(n, split, seed=seed + 100).captions
-        if recipe is not None:
-            zoo.load_or_train(name, preset)  # train (or load) first: the clock below times sampling only
-        start = time.perf_counter()
-        images, train_seconds = generate(name, preset, n, prompts, seed)
-        sample_seconds = time.perf_counter() - start
-        conditional = recipe is None or recipe.conditional
-        report = score(images, prompts if conditional else None, seed=seed)
-    if recipe is not None and recipe.report is not None:
-        model = zoo.load_or_train(name, preset)
-        train_seconds = _train_seconds(name, preset)
-        report.update(recipe.report(model))
-    elif recipe is not None and recipe.sample is None:
-        raise ValueError(f"recipe {name!r} neither generates (no sample) nor reports (no report)")
-    return add_row(name, preset, report, train_seconds=train_seconds, sample_seconds=sample_seconds,
-                   path=path, split=split)

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import clip
+from ... import clip
 from .core import CheckFailed, call, expect_close, expect_shape, passed
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .. import vae
+from ... import vae
 from .core import CheckFailed, call, expect_close, expect_shape, passed
 
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import nbformat
 
-from .checkpoint import atomic_write_bytes
-from .presets import PRESETS, check_preset
-from .train import machine_description
+from ..lab.checkpoint import atomic_write_bytes
+from ..lab.presets import PRESETS, check_preset
+from ..lab.train import machine_description
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the minidalle2 package
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the minidalle2 package
 NOTEBOOK_RE = re.compile(r"^\d\d_\w+\.ipynb$")
 DEFAULT_CELL_TIMEOUT = 3600  # seconds for one cell; a cpu-preset training cell is ~10 minutes
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .. import diffusion, guidance
+from ... import diffusion, guidance
 from .core import CheckFailed, call, expect_close, expect_shape, passed
 
 SCHEDULE = diffusion.Schedule("linear", 1000)

@@ -5,14 +5,19 @@ Shared network blocks. Chapters build their models from these so that a change o
     encoder = ConvEncoder(out_features=128)      # (B, 3, 32, 32) -> (B, 128)
     decoder = ConvDecoder(in_features=128)       # (B, 128) -> (B, 3, 32, 32), unbounded
     x = expect_images(x, channels=3, resolution=32, who="VAE")   # clear error on a bad input
+    emb = timestep_embedding(t, 128)             # diffusion's sinusoidal time embedding
+    block = TransformerBlock(dim=128, heads=4)   # (B, L, 128) -> (B, L, 128), causal: DALL-E, the prior
 
-Both are stacks of stride-2 stages (32 -> 16 -> 8 -> 4 with three widths) of pre-activation
-residual blocks. `spectral=True` wraps every conv and linear layer in spectral normalisation
-(the GAN discriminator's Lipschitz control); `norm=None` drops GroupNorm (a discriminator
-with spectral norm does not want batch statistics or group statistics).
+The encoder and decoder are stacks of stride-2 stages (32 -> 16 -> 8 -> 4 with three widths) of
+pre-activation residual blocks. `spectral=True` wraps every conv and linear layer in spectral
+normalisation (the GAN discriminator's Lipschitz control); `norm=None` drops GroupNorm (a
+discriminator with spectral norm does not want batch statistics or group statistics).
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -54,7 +59,7 @@ def _norm(channels, norm):
     if norm is None:
         return nn.Identity()
     if norm == "group":
-        return nn.GroupNorm(min(8, channels), channels)
+        return group_norm(channels)
     raise ValueError(f"norm must be 'group' or None, got {norm!r}")
 
 
@@ -118,3 +123,84 @@ class ConvDecoder(nn.Module):
     def forward(self, z):
         expect_latents(z, self.in_features, type(self).__name__)
         return self.net(self.project(z).view(len(z), self.width, self.start, self.start))
+
+
+# ----------------------------------------------------------------------------- time, attention
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim): [sin(t w_0..w_{h-1}), cos(t w_0..w_{h-1})],
+    w_i = max_period^(-i/h), h = dim // 2 (Transformer positions, as in DDPM); odd dim pads a 0."""
+    if not isinstance(t, torch.Tensor) or t.ndim != 1:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"timestep_embedding expects t of shape (B,), got {shape}")
+    if dim < 2:
+        raise ValueError(f"timestep_embedding needs dim >= 2, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                              # (B, half): t * w_i
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def group_norm(channels, groups=8):
+    """GroupNorm with gcd(groups, channels) groups, so any width works."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def zero_init(module):
+    """Zero every parameter: a residual branch that starts as the identity, a head that starts at 0."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual; the output projection starts at zero."""
+
+    def __init__(self, channels, head_dim=32):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm, self.qkv = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)                        # softmax(q k^T / sqrt(d)) v
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+# ----------------------------------------------------------------------------- the transformer block
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block (GPT-2): x + attn(LN(x)), then x + MLP(LN(x)), over (B, L, D) tokens.
+
+    causal=True lets token i attend to tokens <= i only (DALL-E's decoder, the diffusion prior); `mask`
+    (broadcastable to (B, heads, L, L), True = may attend) adds to it, e.g. padding."""
+
+    def __init__(self, dim, heads=4, mlp_ratio=4, dropout=0.0, causal=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"TransformerBlock: dim {dim} must be divisible by heads {heads}")
+        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.ln1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
+                                 nn.Dropout(dropout))
+
+    def attention(self, x, mask=None):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)   # (B, h, L, d)
+        if self.causal:
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask = causal if mask is None else mask & causal
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,                # softmax(q k^T / sqrt(d)) v
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(h.transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x, mask=None):
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.ln1.normalized_shape[0]:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"TransformerBlock expects tokens (B, L, {self.ln1.normalized_shape[0]}), got {got}")
+        x = x + self.attention(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))

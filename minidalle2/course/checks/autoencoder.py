@@ -10,8 +10,8 @@
 
 import torch
 
-from .. import autoencoder as ref
-from ..nn import ConvDecoder, ConvEncoder
+from ... import autoencoder as ref
+from ...layers import ConvDecoder, ConvEncoder
 from .core import CheckFailed, call, expect_close, expect_scalar, expect_shape, passed
 
 
