@@ -129,3 +129,28 @@ def test_expectations_name_what_is_wrong(capsys):
         expect_close(x * float("nan"), x, "x")
     passed("demo", "all good")
     assert "demo: correct - all good" in capsys.readouterr().out
+
+
+def _exercise_notebook(*later):
+    nb = nbformat.v4.new_notebook()
+    sol = nbformat.v4.new_code_cell("def f(x):\n    ### BEGIN SOLUTION\n    y = x + 1\n    return y\n    ### END SOLUTION")
+    sol.metadata.update(exercises.solution_metadata("f"))
+    check = nbformat.v4.new_code_cell("check(f)")
+    check.metadata.update(exercises.check_metadata("f_check"))
+    nb.cells = [sol, check] + [nbformat.v4.new_code_cell(s) for s in later]
+    return nb
+
+
+def test_reads_of_student_code_finds_later_cells_that_depend_on_an_exercise():
+    # the exercise's function is called later (a dependency); its local `y` is not a name the notebook shares
+    nb = _exercise_notebook("z = f(2)\ny = 3\nprint(y)", "def f(x):\n    return x\nprint(f(1))")
+    assert exercises.reads_of_student_code(nb) == [(2, "f", 0)]      # cell 3 rebinds f before reading it
+    assert exercises.reads_of_student_code(_exercise_notebook("print(y)", "%time g = [v for v in range(3)]")) == []
+
+
+def test_through_last_check_ends_at_the_last_check_cell():
+    nb = _exercise_notebook("print(1)", "print(2)")
+    short = exercises.through_last_check(nb)
+    assert len(short.cells) == 2 and exercises.is_check_cell(short.cells[-1]) and len(nb.cells) == 4
+    plain = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    assert len(exercises.through_last_check(plain).cells) == 1

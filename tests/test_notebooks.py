@@ -2,7 +2,8 @@
 Every course notebook runs top to bottom at the smoke preset, and is committed without outputs.
 
 The notebooks share one cache folder for the whole test session (MINIDALLE2_CACHE), so a
-later chapter can reuse what an earlier one trained, as it does for a student.
+later chapter can reuse what an earlier one trained, as it does for a student; under pytest-xdist each
+worker has its own, and the notebooks of one chain (CHAINS) run in order on one worker.
 """
 
 from pathlib import Path
@@ -24,9 +25,19 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("minidalle2_cache")
 
 
+# notebooks that load what an earlier one trained run in order on one worker (pytest-xdist's loadgroup)
+CHAINS = {"02": "autoencoders", "03": "autoencoders", "04": "autoencoders",
+          "09": "diffusion", "10": "diffusion", "11": "diffusion"}
+
+
+def chained(paths):
+    return [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(CHAINS[p.name[:2]])] if p.name[:2] in CHAINS
+                         else []) for p in paths]
+
+
 @no_notebooks
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", chained(NOTEBOOKS))
 def test_notebook_runs_at_smoke_preset(path, tmp_path, shared_cache):
     run = course.run_notebook(path, "smoke", tmp_path, timeout=600,
                               env={"MINIDALLE2_CACHE": str(shared_cache)})
@@ -44,12 +55,18 @@ CHAPTERS = [p for p in NOTEBOOKS if not p.name.startswith("00_")]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHAPTERS, reason="no chapter notebooks yet")
-@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+@pytest.mark.parametrize("path", chained(CHAPTERS))
 def test_student_version_fails_only_at_its_exercises(path, tmp_path, shared_cache):
-    """The generated student notebook runs top to bottom except at the check cells, which all fail
-    with NotImplementedError: nothing downstream depends on the student's code."""
+    """The generated student notebook runs except at the check cells, which all fail with NotImplementedError:
+    nothing downstream depends on the student's code. Past the last check, a student version is the solution
+    version (which the test above runs), so it is executed only that far, and what comes after is checked by
+    reading it: no later cell reads a name that only an exercise cell binds."""
     import nbformat
+    solution = nbformat.read(str(path), as_version=4)
+    reads = exercises.reads_of_student_code(solution)
+    assert not reads, f"{path.name}: cells read names bound only by exercise cells: {reads} (cell, name, exercise)"
     student = exercises.write_student_notebooks([path], tmp_path / "student")[0]
+    nbformat.write(exercises.through_last_check(nbformat.read(str(student), as_version=4)), str(student))
     run = course.run_notebook(student, "smoke", tmp_path / "run", timeout=600, allow_errors=True,
                               env={"MINIDALLE2_CACHE": str(shared_cache)})
     assert run.ok, run.error  # the kernel itself did not crash

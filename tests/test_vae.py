@@ -211,7 +211,7 @@ def test_recipe_round_trip_at_smoke(tmp_path):
         assert torch.equal(a, b)
     images = recipe.sample(model, None, 5, 0)
     assert images.shape == (5, 3, 32, 32) and torch.equal(images, recipe.sample(again, None, 5, 0))
-    numbers = vae_recipes.report(model, n=40)
+    numbers = vae_recipes.report(model, n=40, preset="smoke")
     for key in ("psnr", "recon_caption_accuracy", "recon_validity", "elbo_bits_per_dim", "active_units"):
         assert key in numbers
 

@@ -133,3 +133,55 @@ def errors_by_cell(nb):
     """{cell index: exception name} for every cell of an executed notebook that raised."""
     return {i: out.get("ename", "Error") for i, c in enumerate(nb.cells)
             for out in c.get("outputs", []) if out.get("output_type") == "error"}
+
+
+def _bound_and_read(source):
+    """(names a cell binds at its top level, names it reads anywhere), from its code (magics and shell lines skipped).
+    Names local to a function the cell defines are not bound by the cell."""
+    import ast
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    tree = ast.parse(code)
+    bound, read = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            read.add(node.id)
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)                                    # its body is its own scope
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            todo.extend(ast.iter_child_nodes(node))
+    return bound, read
+
+
+def reads_of_student_code(nb):
+    """[(cell, name, exercise cell)] for every cell -- other than exercises and their checks -- that reads a name an
+    exercise cell binds (before another cell rebinds it). In the student version such a cell would fail with the
+    student's NotImplementedError, so the rest of the notebook would depend on the student's code."""
+    from_exercise, found = {}, []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        bound, read = _bound_and_read(cell.source)
+        if is_solution_cell(cell):
+            from_exercise.update({name: i for name in bound})
+            continue
+        if not is_check_cell(cell):   # a name the cell binds itself is taken to be its own
+            found += [(i, name, from_exercise[name]) for name in sorted((read - bound) & set(from_exercise))]
+        for name in bound:
+            from_exercise.pop(name, None)
+    return found
+
+
+def through_last_check(nb):
+    """A copy of `nb` that ends at its last check cell: what of a student version depends on the student's code."""
+    checks = [i for i, c in enumerate(nb.cells) if is_check_cell(c)]
+    nb = copy.deepcopy(nb)
+    if checks:
+        nb.cells = nb.cells[:checks[-1] + 1]
+    return nb

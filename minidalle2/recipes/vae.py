@@ -11,16 +11,20 @@ from ..lab.zoo import Recipe
 from .common import shapes_train, unconditional
 
 REPORT_IMAGES = 1000                            # held-out test images behind every reported number
-PRIOR_IMAGES, PRIOR_COMPONENTS = 20_000, 1024   # the learned MixturePrior: 1,024 Gaussians on 20k training codes
+# the learned MixturePrior: 1,024 Gaussians fitted by EM to the codes of 20k training images (smoke: a small one)
+PRIOR = {"smoke": dict(prior_images=2_000, prior_components=64),
+         "cpu": dict(prior_images=20_000, prior_components=1024), "full": dict(prior_images=20_000, prior_components=1024)}
 
 
-def fit_recipe_prior(model):
-    """The recipe's MixturePrior: PRIOR_COMPONENTS Gaussians fitted to the codes of PRIOR_IMAGES training images."""
-    images = data.ShapesDataset(PRIOR_IMAGES, "train", seed=0).get_batch(torch.arange(PRIOR_IMAGES))["image"]
-    return vae.fit_mixture_prior(model, images, k=PRIOR_COMPONENTS)
+def fit_recipe_prior(model, preset="cpu"):
+    """The recipe's MixturePrior at `preset`: prior_components Gaussians fitted to the codes of prior_images
+    training images."""
+    n, k = PRIOR[preset]["prior_images"], PRIOR[preset]["prior_components"]
+    images = data.ShapesDataset(n, "train", seed=0).get_batch(torch.arange(n))["image"]
+    return vae.fit_mixture_prior(model, images, k=k)
 
 
-def report(model, n=REPORT_IMAGES, seed=1000):
+def report(model, n=REPORT_IMAGES, seed=1000, preset="cpu"):
     """Measured on n held-out test images: reconstruction PSNR and oracle caption accuracy (from the
     posterior mean), ELBO in bits/dim (discretized likelihood: real bits/dim of 8-bit pixels), active units;
     and the oracle validity of n samples drawn with the learned MixturePrior instead of N(0, I)."""
@@ -29,7 +33,7 @@ def report(model, n=REPORT_IMAGES, seed=1000):
     recon = in_batches(model.reconstruct, images, next(model.parameters()).device, batch_size=250)
     numbers = score_reconstructions(recon, images, test.scenes.captions)
     held_out = vae.evaluate(model, images, seed=seed)
-    learned = vae.sample_with_prior(model, fit_recipe_prior(model), n, seed=seed)
+    learned = vae.sample_with_prior(model, fit_recipe_prior(model, preset), n, seed=seed)
     return {**numbers, **{k: held_out[k] for k in ("elbo_bits_per_dim", "nll_bits_per_dim",
                                                     "kl_bits_per_dim", "kl_nats", "active_units")},
             "mixture_prior_validity": read(load_oracle(), learned).valid.float().mean().item()}
@@ -51,7 +55,7 @@ VAE = Recipe(
         "full": dict(steps=10000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0,
                      ema_decay=0.999, bf16=True, log_every=100),
     },
-    sample=unconditional(lambda model, n, seed: model.sample(n, seed)), report=report)
+    settings=PRIOR, sample=unconditional(lambda model, n, seed: model.sample(n, seed)), report=report)
 
 # the collapse shows within 150 steps
 COLLAPSE_DEMO_TRAINING = {  # TrainConfig fields per preset (notebook 04 trains it by hand)
