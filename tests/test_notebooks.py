@@ -2,8 +2,8 @@
 Every course notebook runs top to bottom at the smoke preset, and is committed without outputs.
 
 The notebooks share one cache folder for the whole test session (MINIDALLE2_CACHE), so a
-later chapter can reuse what an earlier one trained, as it does for a student; under pytest-xdist each
-worker has its own, and the notebooks of one chain (CHAINS) run in order on one worker.
+later chapter can reuse what an earlier one trained, as it does for a student (under pytest-xdist, tests/conftest.py
+runs them all, in order, on one worker).
 """
 
 from pathlib import Path
@@ -25,19 +25,9 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("minidalle2_cache")
 
 
-# notebooks that load what an earlier one trained run in order on one worker (pytest-xdist's loadgroup)
-CHAINS = {"02": "autoencoders", "03": "autoencoders", "04": "autoencoders",
-          "09": "diffusion", "10": "diffusion", "11": "diffusion"}
-
-
-def chained(paths):
-    return [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(CHAINS[p.name[:2]])] if p.name[:2] in CHAINS
-                         else []) for p in paths]
-
-
 @no_notebooks
 @pytest.mark.slow
-@pytest.mark.parametrize("path", chained(NOTEBOOKS))
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_smoke_preset(path, tmp_path, shared_cache):
     run = course.run_notebook(path, "smoke", tmp_path, timeout=600,
                               env={"MINIDALLE2_CACHE": str(shared_cache)})
@@ -55,7 +45,7 @@ CHAPTERS = [p for p in NOTEBOOKS if not p.name.startswith("00_")]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHAPTERS, reason="no chapter notebooks yet")
-@pytest.mark.parametrize("path", chained(CHAPTERS))
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_student_version_fails_only_at_its_exercises(path, tmp_path, shared_cache):
     """The generated student notebook runs except at the check cells, which all fail with NotImplementedError:
     nothing downstream depends on the student's code. Past the last check, a student version is the solution
