@@ -24,10 +24,9 @@ $(STAMP): pyproject.toml
 course: $(STAMP)
 	$(PY) -m minidalle2 course --preset $(PRESET)
 
-# two pytest-xdist workers (tests/conftest.py keeps every notebook kernel on one of them); pytest exits 5 when it
-# collected no tests: that is not a failure here
+# pytest exits 5 when it collected no tests: that is not a failure here
 test: $(STAMP)
-	@$(PY) -m pytest -q -n 2 --durations=10; rc=$$?; \
+	@$(PY) -m pytest -q --durations=10; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected"; exit 0; fi; \
 	exit $$rc
 

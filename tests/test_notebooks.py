@@ -2,8 +2,7 @@
 Every course notebook runs top to bottom at the smoke preset, and is committed without outputs.
 
 The notebooks share one cache folder for the whole test session (MINIDALLE2_CACHE), so a
-later chapter can reuse what an earlier one trained, as it does for a student (under pytest-xdist, tests/conftest.py
-runs them all, in order, on one worker).
+later chapter can reuse what an earlier one trained, as it does for a student.
 """
 
 from pathlib import Path
