@@ -3,6 +3,23 @@ import argparse
 import json
 import sys
 
+# what each count option counts, for its error message
+_COUNTS = {"n": "samples", "steps": "training steps", "every": "training steps between scores",
+           "images": "samples per score"}
+
+
+def _check_counts(args, *names):
+    """Counts given on the command line must be positive: 0 must not quietly mean "the default"."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive number of {_COUNTS[name]}, got {value}")
+
+
+def _check_seed(args):
+    from .data import check_seed
+    check_seed(args.seed, "--seed")
+
 
 def _train(args):
     from . import recipes
@@ -17,6 +34,8 @@ def _train(args):
 
 
 def _sample(args):
+    _check_counts(args, "n")
+    _check_seed(args)
     from .lab.viz import image_grid
     from .recipes import generate
     import torchvision
@@ -28,6 +47,8 @@ def _sample(args):
 
 
 def _evaluate(args):
+    _check_counts(args, "n")
+    _check_seed(args)
     from .lab.scoreboard import format_other_numbers, format_table
     from .recipes import benchmark
     row = benchmark(args.name, args.preset, args.n, args.split, args.seed, args.scoreboard)
@@ -40,6 +61,7 @@ def _evaluate(args):
 
 
 def _curve(args):
+    _check_counts(args, "steps", "every", "images")
     from .lab.checkpoint import atomic_write_json
     from .recipes.diffusion import time_to_quality
     rows = time_to_quality(args.name, args.preset, args.steps, args.every, args.images)
@@ -50,8 +72,14 @@ def _curve(args):
 
 
 def _scoreboard(args):
-    from .lab.scoreboard import format_table, load_rows
-    print(format_table(load_rows(args.path)))
+    from pathlib import Path
+    from .lab.scoreboard import default_path, format_table, load_rows
+    path = Path(args.path) if args.path else default_path()
+    if args.path and not path.is_file():  # a typo must not look like an empty board
+        raise FileNotFoundError(f"no scoreboard file at {path}")
+    print(format_table(load_rows(path)))
+    if not path.exists():
+        print(f"(no rows yet: {path} does not exist; `python -m minidalle2 evaluate NAME` adds one)", file=sys.stderr)
     return 0
 
 
@@ -139,11 +167,11 @@ def main(argv=None):
     sub.add_parser("course", help="run every notebook in order (see: course --help)")
     args = parser.parse_args(argv)
     from .lab.presets import default_preset
-    if getattr(args, "preset", "x") is None and args.command != "recipes":
-        args.preset = default_preset()
     from .lab.train import DivergenceError
     from .lab.zoo import ZooError
     try:
+        if getattr(args, "preset", "x") is None and args.command != "recipes":
+            args.preset = default_preset()   # a bad $MINIDALLE2_PRESET is one clear line too
         return args.run(args)
     except (ValueError, OSError, ZooError, DivergenceError) as e:  # one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import check_seed
 from .layers import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 
@@ -170,6 +171,6 @@ def fit_latent_gaussian(model, images, batch_size=500):
 @torch.no_grad()
 def sample_random_latents(model, n, seed=0):
     """Decode z ~ N(latent_mean, diag(latent_std^2)): the AE's best guess at 'a random image'."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     z = model.latent_mean.cpu() + model.latent_std.cpu() * torch.randn(n, model.latent_dim, generator=g)
     return in_batches(model.decode, z, next(model.parameters()).device).clamp(-1, 1)

@@ -207,7 +207,10 @@ class CLIP(Encoders):
         self.embed_dim, self.resolution = embed_dim, resolution
 
     def prepare_images(self, images):
-        return expect_images(images, 3, self.resolution, "CLIP.encode_image")  # trained on [-1, 1] as is
+        images = expect_images(images, 3, self.resolution, "CLIP.encode_image")  # trained on [-1, 1] as is
+        # NaN gives NaN embeddings and 0-255 pixels meaningless ones: one min/max per batch refuses both
+        data.check_pixel_range(images, slack=0.05, name="CLIP.encode_image images")  # the oracle's slack
+        return images
 
 
 class PretrainedCLIP(Encoders):

@@ -13,6 +13,7 @@ scene n (rows of -1 where a scene has only one object). See datasets/README.md f
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass
 
@@ -61,6 +62,45 @@ TWO_OBJECT_TEMPLATES = (
 )
 
 
+SEED_MAX = 2**63 - 1             # every seed here becomes a torch.Generator seed (a signed 64-bit int)
+
+
+def _as_int(value, name, what):
+    """value as a Python int: ints, numpy ints and integer 0-d tensors pass; bools, floats and strings do not."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int ({what}), got {type(value).__name__} {value!r}")
+
+
+def check_seed(seed, name="seed"):
+    """seed as a Python int in [0, SEED_MAX]: the one check every seeded function shares, so a bad seed
+    gets a clear error instead of torch's "Overflow when unpacking long long"."""
+    value = _as_int(seed, name, "a random seed")
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name} must be an int in [0, 2**63 - 1], got {value}")
+    return value
+
+
+def _check_count(value, name, what, minimum=0):
+    """value as a Python int >= minimum; a clear error for a float, a string or a negative count."""
+    value = _as_int(value, name, what)
+    if value < minimum:
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {bound} ({what}), got {value}")
+    return value
+
+
+def check_prompt_list(prompts, name="prompts"):
+    """A list of prompts, one per image; a bare string would be read as one prompt per character."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{name} must be a list of captions, one per image; got a single {type(prompts).__name__} "
+                        f"{prompts!r:.60} (wrap it in a list)")
+    return prompts
+
+
 def triple_id(shape, color, size):
     """Index of a (shape, color, size) triple in 0..59; works on ints or tensors."""
     return (shape * len(COLORS) + color) * len(SIZES) + size
@@ -84,7 +124,7 @@ def pair_caption(pair):
 
 def pair_prompts(n, seed=0):
     """n class ids, every class equally often (in a seeded random order), and their captions."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     classes = (torch.arange(n) % NUM_PAIRS)[torch.randperm(n, generator=g)]
     return classes, [pair_caption(c) for c in classes.tolist()]
 
@@ -130,8 +170,8 @@ def sample_scenes(n, split="train", seed=0, num_objects=None, p_two=0.5, start=0
                          f"a scene holds at most {MAX_OBJECTS} objects in a {GRID}x{GRID} grid")
     if not 0.0 <= p_two <= 1.0:
         raise ValueError(f"p_two must be a probability in [0, 1], got {p_two}")
-    if n < 0 or start < 0:
-        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+    n, start = _check_count(n, "n", "the number of scenes"), _check_count(start, "start", "the first scene's index")
+    seed = check_seed(seed)
     parts, first, last = [], start // chunk_size, (start + n - 1) // chunk_size
     for chunk in range(first, last + 1) if n else []:
         whole = _sample_chunk(chunk_size, _chunk_generator(seed, split, chunk), split, num_objects, p_two)
@@ -221,11 +261,16 @@ _POSITION_WORDS = {"top", "bottom", "left", "right", "center", "centre", "middle
 
 
 def parse_caption(text):
-    """Read a caption back into a Prompt. Unknown words are an error (a typo must not pass silently)."""
-    if not isinstance(text, str) or not text.strip():
+    """Read a caption back into a Prompt. Unknown words are an error (a typo must not pass silently), and so
+    are contradictions ("a big small circle"). Position words belong to the object before them, or to the
+    first object when they come first, so each of two objects may have its own position."""
+    if not isinstance(text, str):
+        raise TypeError(f"captions must be str, got {type(text).__name__}")
+    if not text.strip():
         raise ValueError(f"empty caption {text!r}: a caption must name at least one shape")
     words = re.sub(r"[,.;:!]", " ", text.lower()).split()
-    objects, pending, relation, position, where = [], {}, None, [], None
+    objects, pending, relation = [], {}, None
+    places = []  # one (index of the object before it or -1, [position words]) per run of position words
     i = 0
     while i < len(words):
         w = words[i]
@@ -237,12 +282,17 @@ def parse_caption(text):
             i += 2 if w in ("left", "right") else 1
             continue
         if w in _POSITION_WORDS:
-            position.append({"centre": "center", "middle": "center"}.get(w, w))
-            where = len(objects)  # attaches to the previous object, or to the next if none yet
-        elif w in SIZES:
-            pending["size"] = SIZES.index(w)
-        elif w in COLORS:
-            pending["color"] = COLORS.index(w)
+            word = {"centre": "center", "middle": "center"}.get(w, w)
+            if i > 0 and words[i - 1] in _POSITION_WORDS:
+                places[-1][1].append(word)
+            else:
+                places.append((len(objects) - 1, [word]))
+        elif w in SIZES or w in COLORS:
+            key, names = ("size", SIZES) if w in SIZES else ("color", COLORS)
+            if key in pending and names[pending[key]] != w:
+                raise ValueError(f"caption {text!r} gives one object two {key}s: "
+                                 f"{names[pending[key]]!r} and {w!r}")
+            pending[key] = names.index(w)
         elif w.rstrip("s") in SHAPES or w in SHAPES:
             objects.append(ObjectSpec(SHAPES.index(w if w in SHAPES else w.rstrip("s")), **pending))
             pending = {}
@@ -258,12 +308,43 @@ def parse_caption(text):
         raise ValueError(f"caption {text!r} names {len(objects)} objects; scenes hold at most {MAX_OBJECTS}")
     if relation and len(objects) != 2:
         raise ValueError(f"caption {text!r} states a relation but names {len(objects)} object(s)")
-    if position:
-        phrase = " ".join(p for p in position if p != "center") or "center"  # "top center" = "top"
-        if phrase not in POSITIONS or len(position) > 2:
-            raise ValueError(f"caption {text!r}: unknown position {phrase!r}; positions: {', '.join(POSITIONS)}")
-        objects[max(where - 1, 0)].position = POSITIONS.index(phrase)
+    _place_objects(text, objects, places)
+    if len(objects) == 2 and any(o.position is not None for o in objects):
+        _check_drawable(text, objects, relation)
     return Prompt(objects, relation)
+
+
+def _place_objects(text, objects, places):
+    """Give each object the position words of the runs that belong to it."""
+    owners = [max(before, 0) for before, _ in places]
+    for k, (before, _) in enumerate(places):
+        # "in the top left a circle, in the bottom right a square": a second place after an object that has
+        # one already is the next object's, unless that object is placed later in the caption
+        after = before + 1
+        if before >= 0 and before in owners[:k] and after < len(objects) \
+                and all(b != after for b, _ in places[k + 1:]):
+            owners[k] = after
+    for k, obj in enumerate(objects):
+        said = [w for owner, (_, run) in zip(owners, places) if owner == k for w in run]
+        if not said:
+            continue
+        phrase = " ".join(p for p in said if p != "center") or "center"  # "top center" = "top"
+        if phrase not in POSITIONS or len(said) > 2:
+            raise ValueError(f"caption {text!r}: unknown position {' '.join(said)!r} for the {SHAPES[obj.shape]}; "
+                             f"positions: {', '.join(POSITIONS)}")
+        obj.position = POSITIONS.index(phrase)
+
+
+def _check_drawable(text, objects, relation):
+    """A two-object caption whose positions contradict each other or its relation can never be drawn."""
+    a, b = (o.position for o in objects)
+    if a is not None and a == b:
+        raise ValueError(f"caption {text!r} puts both objects at the {POSITIONS[a]}; a cell holds one object")
+    cells = range(GRID * GRID)
+    if relation and not any(relation in relations_between(ca, cb) for ca in cells for cb in cells
+                            if ca != cb and a in (None, ca) and b in (None, cb)):
+        raise ValueError(f"caption {text!r} contradicts itself: a {objects[0]} cannot be {relation} "
+                         f"a {objects[1]}")
 
 
 def prompt_from_labels(objects):
@@ -274,7 +355,8 @@ def prompt_from_labels(objects):
 def scenes_from_prompts(prompts, seed=0):
     """Real scenes that satisfy each prompt (str or Prompt); what the caption leaves open is drawn at
     random. A perfect generator: the ceiling every model's caption accuracy is compared with."""
-    g = torch.Generator().manual_seed(seed)
+    check_prompt_list(prompts)
+    g = torch.Generator().manual_seed(check_seed(seed))
     pick = lambda k: int(torch.randint(k, (1,), generator=g))
     objects = torch.full((len(prompts), MAX_OBJECTS, 4), -1, dtype=torch.long)
     for n, prompt in enumerate(prompts):
@@ -389,14 +471,22 @@ def check_images(images, channels=(1, 3), slack=1e-3, name="images"):
         raise TypeError(f"{name} must be floats in [-1, 1], got dtype {images.dtype} "
                         "(for uint8 images use images.float() / 127.5 - 1)")
     images = images.detach().float().cpu()
+    check_pixel_range(images, slack, name)
+    return images
+
+
+def check_pixel_range(images, slack=1e-3, name="images"):
+    """Refuse NaN, inf and values outside [-1, 1] (up to `slack`) in a float tensor, on whatever device it is:
+    one min and one max over the batch, cheap enough for every call of an encoder."""
     if images.numel():
-        lo, hi = images.min().item(), images.max().item()
+        lo, hi = torch.stack([images.detach().min(), images.detach().max()]).float().tolist()
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} contain NaN or inf")
         if lo < -1 - slack or hi > 1 + slack:
             hint = " (images in [0, 1]? use x * 2 - 1)" if lo >= 0 else " (clamp generator outputs)"
+            if hi > 2:
+                hint = " (images in 0-255? use x / 127.5 - 1)"
             raise ValueError(f"{name} must lie in [-1, 1], got min {lo:.3g} max {hi:.3g}{hint}")
-    return images
 
 
 def to_uint8(images):
@@ -413,8 +503,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, size=10_000, split="train", seed=0, resolution=32, grayscale=False,
                  num_objects=None, p_two=0.5):
-        if size <= 0:
-            raise ValueError(f"size must be a positive number of images, got {size}")
+        size = _check_count(size, "size", "the number of images", minimum=1)
         self.split, self.resolution, self.grayscale = split, resolution, grayscale
         self.scenes = sample_scenes(size, split, seed, num_objects, p_two)
         objects, offsets, step = self.scenes.objects, self.scenes.offsets, 4096

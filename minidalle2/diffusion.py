@@ -40,6 +40,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .data import check_seed
+
 NULL_CLASS = -1                           # the class id that means "unconditional"
 PREDICTIONS = ("eps", "x0", "v")
 MIN_SNR_GAMMA = 5.0                       # Hang et al. 2023
@@ -117,6 +119,9 @@ def _at(values, t, x):
 
 def q_sample(schedule, x0, t, noise):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, for timesteps t (B,) or one int."""
+    if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"q_sample: noise must have the shape of x0 {tuple(x0.shape)} (one draw per value), got {got}")
     t = _check_t(schedule, t, len(x0))
     return _at(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
@@ -392,7 +397,7 @@ def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, 
     conds = as_conditions(cond)
     _check_rows(conds, shape[0], "sample")
     conds = {k: v.to(device) for k, v in conds.items()}
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     x = torch.randn(shape, generator=g).to(device)                  # x_T ~ N(0, I)
     stochastic = method == "ddpm" or eta > 0
     for i, t in enumerate(tqdm(ts, desc=method, disable=not progress)):

@@ -117,6 +117,7 @@ class DiffusionModel(nn.Module):
             eta = SAMPLE_ETA if method == "ddim" else 0.0
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of samples, got {n!r}")
+        seed = data.check_seed(seed)
         is_image = len(self.sample_shape) == 3
         clip_x0 = is_image if clip_x0 is None else clip_x0
         conds = as_conditions(cond)

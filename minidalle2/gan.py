@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
-from . import layers
+from . import data, layers
 
 LOSSES = ("nonsaturating", "saturating", "hinge")
 
@@ -152,7 +152,7 @@ class GAN(nn.Module):
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"number of samples n must be a positive int, got {n!r}")
         device = device or next(self.parameters()).device
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        g = torch.Generator().manual_seed(data.check_seed(seed)) if seed is not None else None
         return torch.randn(n, self.latent_dim, generator=g).to(device)
 
     @torch.no_grad()

@@ -67,7 +67,7 @@ def classifier_guidance(classifier, schedule, classes, scale, prediction="eps", 
         raise ValueError(f"smoothing_samples must be an int >= 1, got {smoothing_samples!r}")
     _check_same_noise(classifier, schedule)
     classes = _check_classes(classes, classifier.num_classes)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(data.check_seed(seed))
 
     def guide(x_t, t, pred):
         if scale == 0:
@@ -121,6 +121,7 @@ def classifier_guided_generate(model, classifier, classes, scale, smoothing=0.0,
     """Images of `classes` from the unconditional `model`, guided by the noisy `classifier` at `scale`
     (with randomized smoothing of its gradient when smoothing > 0: see classifier_guidance)."""
     classes = _check_classes(classes, classifier.num_classes)
+    data.check_seed(seed)
     model_device, classifier_device = next(model.parameters()).device, next(classifier.parameters()).device
     if model_device != classifier_device:
         raise ValueError(f"the diffusion model is on {model_device} but the classifier on {classifier_device}: "
@@ -157,7 +158,7 @@ def accuracy_by_timestep(classifier, schedule, n=1000, bins=4, seed=0):
     test = data.ShapesDataset(n, "test", seed=seed, num_objects=1)
     batch = test.get_batch(torch.arange(n))
     y = class_batch(batch)["cond"]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(data.check_seed(seed))
     out, edges = {}, [round(i * schedule.T / bins) for i in range(bins + 1)]
     for lo, hi in zip(edges, edges[1:]):
         t = torch.randint(lo, hi, (n,), generator=g)

@@ -62,6 +62,13 @@ class FiLMResBlock(nn.Module):
         return h if self.attention is None else self.attention(h)
 
 
+def _describe(cond):
+    """'a torch.float32 tensor of shape (2,)': the dtype is what is wrong as often as the shape."""
+    if isinstance(cond, torch.Tensor):
+        return f"a {cond.dtype} tensor of shape {tuple(cond.shape)}"
+    return type(cond).__name__
+
+
 class Embedding(nn.Module):
     """t (and the condition) -> one vector emb (B, emb_dim) that every ResBlock reads."""
 
@@ -103,16 +110,18 @@ class Embedding(nn.Module):
             raise ValueError(f"{self.who} is conditional and needs cond: {what}; use "
                              "model.null_condition(B) for an unconditional prediction")
         if self.num_classes is not None:
-            if not isinstance(cond, torch.Tensor) or cond.shape != (batch,) or cond.is_floating_point():
+            if not isinstance(cond, torch.Tensor) or cond.shape != (batch,) or cond.is_floating_point() \
+                    or cond.is_complex() or cond.dtype == torch.bool:
+                hint = " (use cond.long())" if isinstance(cond, torch.Tensor) and cond.shape == (batch,) else ""
                 raise ValueError(f"{self.who} expects cond = class ids, a LongTensor of shape ({batch},), "
-                                 f"got {tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
+                                 f"got {_describe(cond)}{hint}")
             if (cond < -1).any() or (cond >= self.num_classes).any():
                 raise ValueError(f"{self.who}: class id out of range [-1, {self.num_classes}) (-1 = no condition), "
                                  f"got values in [{cond.min().item()}, {cond.max().item()}]")
             return emb + self.classes(torch.where(cond < 0, self.num_classes, cond))
         if not isinstance(cond, torch.Tensor) or cond.shape != (batch, self.cond_dim) or not cond.is_floating_point():
             raise ValueError(f"{self.who} expects cond = float vectors of shape ({batch}, {self.cond_dim}), "
-                             f"got {tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
+                             f"got {_describe(cond)}")
         nan = cond.isnan()
         dropped = nan.all(dim=1)
         if (nan.any(dim=1) & ~dropped).any():

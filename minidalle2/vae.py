@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import check_seed
 from .layers import ConvDecoder, ConvEncoder, expect_images, expect_latents, in_batches
 
 PIXEL_LEVELS = 256
@@ -146,7 +147,7 @@ class VAE(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
+        z = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(check_seed(seed))) * temperature
         return self.decode(z.to(device))[0].clamp(-1, 1)
 
 
@@ -194,7 +195,7 @@ def evaluate(model, images, batch_size=250, seed=0):
     of every latent dimension, and active units (Burda et al. 2016: Cov_x(E_q[z|x]) > 0.01)."""
     images = expect_images(images, model.channels, model.resolution, "vae.evaluate")
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(check_seed(seed))
     nlls, kls, mus = [], [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
@@ -216,7 +217,7 @@ def importance_log_likelihood(model, x, k=64, seed=0):
     """log p(x) per image, estimated with k importance samples from q(z|x) (Burda et al., 2016):
     log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x). It is >= the ELBO on average, and tends to log p(x)."""
     x = expect_images(x, model.channels, model.resolution, "vae.importance_log_likelihood")
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = torch.Generator(device=x.device).manual_seed(check_seed(seed))
     mu, logvar = model.encode(x)
     log_w = []
     for _ in range(k):
@@ -295,7 +296,7 @@ class MixturePrior(nn.Module):
         if not 1 <= k <= len(z):
             raise ValueError(f"MixturePrior.fit: k must be between 1 and the number of codes ({len(z)}), got {k}")
         z = z.float()
-        start = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:k]
+        start = torch.randperm(len(z), generator=torch.Generator().manual_seed(check_seed(seed)))[:k]
         prior = cls(torch.full((k,), -math.log(k)), z[start].clone(), z.var(0).expand(k, -1).clone())
         for _ in range(iters):
             r = torch.softmax(prior.component_log_probs(z), 1)                   # E: responsibilities (N, k)
@@ -308,7 +309,7 @@ class MixturePrior(nn.Module):
     @torch.no_grad()
     def sample(self, n, seed=0):
         """n codes: pick a component with probability w_k, then z = m_k + sqrt(v_k) * eps."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed(seed))
         k = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=g)
         eps = torch.randn(n, self.means.shape[1], generator=g)
         return (self.means.cpu()[k] + self.variances.cpu()[k].sqrt() * eps).to(self.means.device)

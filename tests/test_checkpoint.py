@@ -50,20 +50,37 @@ def test_model_round_trip_with_tied_weights(tmp_path):
     assert again.head.weight is again.emb.weight  # still tied after loading
 
 
+def save_version1(path, tensors, meta):
+    """A checkpoint in the version-1 layout (tensors in X.safetensors; metadata and their sha256 only in X.json)."""
+    import hashlib
+    import safetensors.torch
+    data = safetensors.torch.save(tensors)
+    (path.parent / f"{path.name}.safetensors").write_bytes(data)
+    (path.parent / f"{path.name}.json").write_text(json.dumps(
+        {"format": checkpoint.FORMAT, "version": 1, "sha256": hashlib.sha256(data).hexdigest(), **meta}))
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope")
     save_checkpoint(tmp_path / "ck", sample_tensors(), {"kind": "x"})
-    os.remove(tmp_path / "ck.json")
-    with pytest.raises(CheckpointError, match=r"ck\.json"):
-        load_checkpoint(tmp_path / "ck")
+    os.remove(tmp_path / "ck.json")       # only a copy for people: the metadata is inside the file
+    assert load_checkpoint(tmp_path / "ck")[1]["kind"] == "x"
+    save_version1(tmp_path / "v1", sample_tensors(), {"kind": "x"})
+    assert load_checkpoint(tmp_path / "v1")[1]["kind"] == "x"        # version-1 checkpoints still load
+    os.remove(tmp_path / "v1.json")
+    with pytest.raises(CheckpointError, match=r"v1\.json"):
+        load_checkpoint(tmp_path / "v1")
 
 
 def test_unparsable_json(tmp_path):
     save_checkpoint(tmp_path / "ck", sample_tensors(), {"kind": "x"})
     (tmp_path / "ck.json").write_text("{ not json")
+    assert load_checkpoint(tmp_path / "ck")[1]["kind"] == "x"        # loading never trusts the copy
+    save_version1(tmp_path / "v1", sample_tensors(), {"kind": "x"})
+    (tmp_path / "v1.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_checkpoint(tmp_path / "ck")
+        load_checkpoint(tmp_path / "v1")
 
 
 def test_truncated_file(tmp_path):
@@ -84,7 +101,7 @@ def test_flipped_byte(tmp_path):
 
 
 def test_unreadable_safetensors_with_matching_hash(tmp_path):
-    save_checkpoint(tmp_path / "ck", sample_tensors(), {"kind": "x"})
+    save_version1(tmp_path / "ck", sample_tensors(), {"kind": "x"})
     junk = b"this is not a safetensors file"
     (tmp_path / "ck.safetensors").write_bytes(junk)
     meta = json.loads((tmp_path / "ck.json").read_text())

@@ -106,19 +106,23 @@ def test_corrupt_cache_is_retrained(toy, tmp_path, capsys):
     assert len(fits) == 2  # the retrained file is good
 
 
-def test_interrupted_training_resumes(toy):
-    recipe, _ = toy
-    calls = []
-
+def interrupted_at(calls, step, config=None, **train_kwargs):
+    """A fit whose loss raises KeyboardInterrupt during `step` (the laptop lid closes), the first time only."""
     def fit(model, job):
         def loss_fn(model, batch):
             calls.append(1)
-            if len(calls) == 15:
-                raise KeyboardInterrupt  # the laptop lid closes during step 15
+            if len(calls) == step:
+                raise KeyboardInterrupt
             return mse(model, batch)
-        return train(model, loss_fn, make_dataset(), job.train_config(checkpoint_every=10), run_dir=job.run_dir,
-                     kind="toy")
-    interrupted = dataclasses.replace(recipe, fit=fit)
+        return train(model, loss_fn, make_dataset(), job.train_config(**(config or {})), run_dir=job.run_dir,
+                     kind="toy", **train_kwargs)
+    return fit
+
+
+def test_interrupted_training_resumes(toy):
+    recipe, _ = toy
+    calls = []
+    interrupted = dataclasses.replace(recipe, fit=interrupted_at(calls, 15, config=dict(checkpoint_every=10)))
     with pytest.raises(KeyboardInterrupt):
         zoo.load_or_train(interrupted, "smoke", progress=False)
     zoo.load_or_train(interrupted, "smoke", progress=False)
@@ -203,3 +207,31 @@ def test_a_variant_changes_settings_at_every_preset_and_is_cached_apart(toy, tmp
     zoo.load_or_train(recipe, "smoke", progress=False)
     zoo.load_or_train(wide, "smoke", progress=False)
     assert fits == ["smoke", "smoke"] and (tmp_path / "cache" / "toy_wide" / "smoke" / "model.json").exists()
+
+
+def test_an_interrupted_zoo_training_resumes_from_its_last_checkpoint_and_says_so(toy, capsys):
+    recipe, _ = toy
+    calls = []
+    # checkpoint_seconds=0: a checkpoint after every step, as a long run gets one every minute
+    interrupted = dataclasses.replace(recipe, fit=interrupted_at(calls, 15, checkpoint_seconds=0))
+    with pytest.raises(KeyboardInterrupt):
+        zoo.load_or_train(interrupted, "smoke", progress=False)
+    capsys.readouterr()
+    resumed = zoo.load_or_train(interrupted, "smoke", progress=False)
+    assert "resuming the interrupted training of 'toy' (smoke) from step 14 of 20" in capsys.readouterr().out
+    assert len(calls) == 15 + 6                            # steps 15..20 again, nothing before
+    fresh = zoo.load_or_train(recipe, "smoke", retrain=True, progress=False)   # the same run, never interrupted
+    for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_run_state_that_cannot_be_read_is_set_aside(toy, tmp_path, capsys):
+    recipe, fits = toy
+    run = tmp_path / "cache" / "toy" / "smoke" / "run"
+    run.mkdir(parents=True)
+    (run / "fingerprint.txt").write_text(zoo.fingerprint(recipe, "smoke"))
+    (run / "state.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    zoo.load_or_train(recipe, "smoke", progress=False)
+    out = capsys.readouterr().out
+    assert "cannot be resumed" in out and "training starts afresh" in out and "--retrain" in out and fits == ["smoke"]
+    assert [p.name.startswith("run.unusable-") for p in run.parent.iterdir() if p.is_dir()] == [True]

@@ -74,6 +74,8 @@ def reference_images(n, prompts=None, seed=1, resolution=32):
 @torch.no_grad()
 def score(images, prompts=None, oracle=None, reference=None, seed=0):
     """Oracle numbers for a batch of generated images (N, 3, R, R) in [-1, 1], with optional prompts."""
+    if prompts is not None:
+        data.check_prompt_list(prompts)
     oracle = oracle or load_oracle()
     if prompts is not None and len(prompts) != len(images):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
@@ -125,6 +127,7 @@ def score_reconstructions(reconstructions, originals, captions, oracle=None):
     and the oracle's caption accuracy and validity on the reconstructions, keyed recon_*."""
     originals = data.check_images(originals, name="originals")
     reconstructions = data.check_images(reconstructions, slack=float("inf"), name="reconstructions")
+    data.check_prompt_list(captions, "captions")
     if len(captions) != len(originals):
         raise ValueError(f"got {len(originals)} images but {len(captions)} captions")
     report = score(reconstructions.clamp(-1, 1), captions, oracle=oracle)

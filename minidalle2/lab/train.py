@@ -89,6 +89,11 @@ class TrainConfig:
              f"betas must be two numbers in [0, 1), got {self.betas!r}")
         need(is_int(self.seed), f"seed must be an int, got {self.seed!r}")
         need(isinstance(self.device, str), f"device must be a string, got {self.device!r}")
+        # only the syntax: a config saved on a GPU machine must still load (and resume on "auto") without one
+        index = self.device.partition("cuda:")[2]
+        need(self.device in ("auto", "cpu", "cuda", "mps")
+             or self.device == f"cuda:{index}" and index.isascii() and index.isdigit(),
+             f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         need(is_int(self.log_every) and self.log_every >= 1,
              f"log_every must be an int >= 1, got {self.log_every!r}")
         need(self.checkpoint_every is None or (is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
@@ -103,6 +108,9 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+CHECKPOINT_SECONDS = 60   # a run with a run_dir saves its state at least this often (one process)
 
 
 class DivergenceError(RuntimeError):
@@ -330,8 +338,12 @@ class _LossModule(nn.Module):
 # -----------------------------------------------------------------------------
 
 def train(model, loss_fn, dataset, config: TrainConfig, *, run_dir=None, kind="model", resume=True,
-          on_log=None, progress=None, snapshot=None) -> TrainResult:
+          on_log=None, progress=None, snapshot=None, checkpoint_seconds=CHECKPOINT_SECONDS) -> TrainResult:
     """Train `model` on loss_fn(model, batch) -> loss or (loss, metrics) with the knobs of `config`.
+
+    With a run_dir the training state is saved there every config.checkpoint_every steps and, in a single
+    process, also every `checkpoint_seconds` of wall time (None: never), so a killed run loses at most
+    that much; the next call with the same run_dir resumes it exactly.
 
     on_log(entry) is called every config.log_every steps. snapshot = (every, fn): fn(step, seconds,
     sample_model) is called every `every` steps with the model one would sample from (the EMA copy if
@@ -347,13 +359,14 @@ def train(model, loss_fn, dataset, config: TrainConfig, *, run_dir=None, kind="m
     device, created_group = setup_distributed(pick_device(config.device))
     try:
         return _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log,
-                      _SHOW_PROGRESS if progress is None else progress, snapshot)
+                      _SHOW_PROGRESS if progress is None else progress, snapshot, checkpoint_seconds)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log, progress, snapshot):
+def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_log, progress, snapshot,
+           checkpoint_seconds):
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     if config.batch_size % world:
         raise ValueError(f"train: batch_size {config.batch_size} does not split over {world} processes")
@@ -391,6 +404,7 @@ def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_lo
     bar = tqdm(total=config.steps, initial=step, desc=kind, disable=not progress or rank != 0,
                dynamic_ncols=True)
     t0 = time.perf_counter() - seconds
+    last_save = time.perf_counter()
     try:  # close the bar even when a step raises
         while step < config.steps:
             seed_everything(derive_seed(config.seed, "step", step, rank))  # this step's dropout, noise...
@@ -437,9 +451,13 @@ def _train(model, loss_fn, dataset, config, device, run_dir, kind, resume, on_lo
                     entry.update({f"eval_{k}": float(v) for k, v in measured.items()})
                 model.train()
                 t0 += time.perf_counter() - started      # snapshot time is not training time
-            if state_path is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            # by the clock only in one process: every DDP rank must reach the same checkpoint at the same step
+            due = due or (world == 1 and checkpoint_seconds is not None
+                          and time.perf_counter() - last_save >= checkpoint_seconds)
+            if state_path is not None and due and step < config.steps:
                 save_state()
-                saved_step = step
+                saved_step, last_save = step, time.perf_counter()
     finally:
         bar.close()
 

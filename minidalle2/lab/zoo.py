@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +104,12 @@ class Recipe:
         return self.dataset(**self.data.get(_preset(preset), {}))
 
     def variant(self, name, model=None, data=None, training=None, **fields) -> "Recipe":
-        """A copy called `name` with settings changed at every preset (and any other field replaced), e.g.
-        recipes.get("ddpm").variant("ddpm_eps", model=dict(prediction="eps")); zoo.load_or_train caches it apart."""
+        """A copy called `name` with settings changed at every preset, or per preset ({"cpu": {...}, ...}), and
+        any other field replaced, e.g. recipes.get("ddpm").variant("ddpm_eps", model=dict(prediction="eps"));
+        zoo.load_or_train caches it apart."""
         def merge(table, extra):
+            if extra and set(extra) <= set(PRESETS) and all(isinstance(v, dict) for v in extra.values()):
+                return {p: {**table.get(p, {}), **extra.get(p, {})} for p in PRESETS}      # per preset
             return {p: {**table.get(p, {}), **extra} for p in PRESETS} if extra else table
         return dataclasses.replace(self, name=name, model=merge(self.model, model), data=merge(self.data, data),
                                    training=merge(self.training, training), **fields)
@@ -247,9 +251,14 @@ def load_or_train(recipe: Recipe, preset=None, *, cache=None, retrain=False, pro
     if main:
         if run_dir.exists() and (retrain or not fp_file.exists() or fp_file.read_text() != fp):
             shutil.rmtree(run_dir)
+        step = _resume_point(run_dir, name, preset)
         run_dir.mkdir(parents=True, exist_ok=True)
         fp_file.write_text(fp)
-        print(f"zoo: training {name!r} ({preset}); it will be cached in {where}")
+        if step:
+            print(f"zoo: resuming the interrupted training of {name!r} ({preset}) from step {step} of "
+                  f"{recipe.train_config(preset).steps}; it will be cached in {where}")
+        else:
+            print(f"zoo: training {name!r} ({preset}); it will be cached in {where}")
     barrier()
     job = Job(recipe, preset, run_dir, Needs(recipe, preset, cache))
     with progress_bars(progress):
@@ -262,6 +271,22 @@ def load_or_train(recipe: Recipe, preset=None, *, cache=None, retrain=False, pro
         shutil.rmtree(run_dir)  # optimizer state is 2x the model: not worth keeping once done
     barrier()
     return _frozen(trained)
+
+
+def _resume_point(run_dir: Path, name, preset):
+    """The step an interrupted training in run_dir stopped at (None: nothing to resume). A state that
+    cannot be read is moved aside, so the next training starts afresh instead of failing on every call."""
+    state = run_dir / "state"
+    if not checkpoint_exists(state):
+        return None
+    try:
+        return load_checkpoint(state, expected_kind="train_state")[1].get("step")
+    except CheckpointError as e:
+        aside = run_dir.with_name(f"run.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"zoo: the interrupted training of {name!r} ({preset}) cannot be resumed ({e}); it was moved to "
+              f"{aside} and the training starts afresh (`--retrain` would too)")
+        return None
 
 
 def _thin(history, points=500):

@@ -180,10 +180,15 @@ def time_to_quality(recipe="ddpm", preset="cpu", steps=None, every=None, images=
     Nothing is cached: this measures, it does not make a model to keep."""
     if recipe not in CURVES:
         raise ValueError(f"time_to_quality: recipe must be one of {CURVES}, got {recipe!r}")
+    for name, value, what in (("steps", steps, "training steps"), ("every", every, "training steps between scores"),
+                              ("images", images, "samples per score")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"time_to_quality: {name} must be a positive int ({what}) or None for the "
+                             f"preset's default, got {value!r}")
     trained = CFG if recipe == "cfg" else DDPM
-    config = trained.train_config(preset, **({"steps": steps} if steps else {}))
-    every = every or trained.setting("every", preset)
-    images = images or trained.setting("images", preset)
+    config = trained.train_config(preset, **({"steps": steps} if steps is not None else {}))
+    every = every if every is not None else trained.setting("every", preset)
+    images = images if images is not None else trained.setting("images", preset)
     default_scale = {"cfg": CFG_SCALE, "classifier_guidance": CLASSIFIER_SCALE}
     guidance = guidance if guidance is not None else default_scale.get(recipe)
     classifier = zoo.load_or_train(CLASSIFIER_GUIDANCE, preset) if recipe == "classifier_guidance" else None

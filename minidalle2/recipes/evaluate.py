@@ -7,16 +7,30 @@ from ..lab import zoo
 from ..lab.scoreboard import add_row, score
 from .registry import get
 
+PROMPT_SPLITS = ("test", "holdout")   # benchmark prompts come from scenes never trained on
+
+
+def _check_request(n, seed, prompts=None):
+    """The arguments every benchmark call shares, checked before any model is trained or loaded."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of samples, got {n!r}")
+    data.check_seed(seed)
+    if prompts is not None and len(data.check_prompt_list(prompts)) != n:
+        raise ValueError(f"got {len(prompts)} prompts for n = {n} samples; give one prompt per sample")
+
 
 def generate(name, preset, n, prompts=None, seed=0):
     """n samples of a registered generator, and its training time (seconds, None if unknown).
     The name "real" renders the prompts exactly: the ceiling every generator is compared with."""
+    _check_request(n, seed, prompts)
     if name == "real":
         scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
         return data.render(scenes), 0.0
     recipe = get(name)
     if recipe.sample is None:
         raise ValueError(f"recipe {name!r} is not a generator (it has no sample function)")
+    if prompts is not None and not recipe.conditional:
+        raise ValueError(f"recipe {name!r} is an unconditional model: it takes no prompt; sample it without prompts")
     if recipe.conditional and prompts is None and recipe.prompts is not None:
         prompts = recipe.prompts(n, seed)             # e.g. balanced class captions for a class-conditional model
     model = zoo.load_or_train(recipe, preset)
@@ -35,7 +49,15 @@ def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
     """Sample n images (prompts = captions of `split`), score, add a row. A recipe with a `report`
     (e.g. reconstruction PSNR of an auto-encoder) adds those numbers too; a recipe that does not
     generate (a denoiser) gets a row of its report alone."""
+    _check_request(n, seed)
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"unknown split {split!r}: the prompts come from the captions of {' or '.join(PROMPT_SPLITS)}")
     recipe = None if name == "real" else get(name)
+    from_split = recipe is None or (recipe.sample is not None and recipe.conditional and recipe.prompts is None)
+    if split != "test" and not from_split:
+        why = ("takes no prompts" if recipe.sample is None or not recipe.conditional
+               else "is benchmarked on its own prompts")
+        raise ValueError(f"recipe {name!r} {why}, so split={split!r} would change nothing; leave it at 'test'")
     report, sample_seconds, train_seconds = {}, None, None
     if recipe is None or recipe.sample is not None:
         if recipe is not None and recipe.prompts is not None:  # e.g. class prompts for a class-conditional model
@@ -45,9 +67,9 @@ def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
         if recipe is not None:
             zoo.load_or_train(recipe, preset)  # train (or load) first: the clock below times sampling only
         start = time.perf_counter()
-        images, train_seconds = generate(name, preset, n, prompts, seed)
-        sample_seconds = time.perf_counter() - start
         conditional = recipe is None or recipe.conditional
+        images, train_seconds = generate(name, preset, n, prompts if conditional else None, seed)
+        sample_seconds = time.perf_counter() - start
         report = score(images, prompts if conditional else None, seed=seed)
     if recipe is not None and recipe.report is not None:
         model = zoo.load_or_train(recipe, preset)
