@@ -1,31 +1,31 @@
 """Classifier guidance vs training budget, cpu-preset networks and recipes, on a GPU (steps are what count)."""
 import copy, json, os, sys, time
 import torch
-from minidalle2 import ddpm as D, guidance as G, data, zoo
-from minidalle2.presets import train_config
-from minidalle2.train import train, seed_everything
-from minidalle2.scoreboard import score
+from minidalle2 import guidance as G, data, recipes
+from minidalle2.lab.train import train, seed_everything
+from minidalle2.lab.scoreboard import score
+from minidalle2.recipes.diffusion import CLASSIFIER_GUIDANCE, DDPM, classifier_schedule
 OUT = os.environ["OUT"]; rows = []
 def dump(): json.dump(rows, open(f"{OUT}/cg_budget.json", "w"), indent=1)
 t0 = time.time()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EVERY, N = int(sys.argv[3]), int(sys.argv[4])
-ddpm1 = zoo.load_or_train("ddpm", "cpu").to(DEV); clf15 = zoo.load_or_train("classifier_guidance", "cpu").to(DEV)
+ddpm1 = recipes.load("ddpm", "cpu").to(DEV); clf15 = recipes.load("classifier_guidance", "cpu").to(DEV)
 # classifier: the cpu recipe (cosine lr), 2x the steps
 seed_everything(0)
-clf = G.build_classifier("cpu")
+clf = CLASSIFIER_GUIDANCE.build_model("cpu")
 if int(sys.argv[1]) == 0: clf30 = None
 else:
  
- r = train(clf, lambda m, b: G.noisy_classifier_loss(m, b, G.classifier_schedule()), D.shapes_dataset("cpu"),
-          train_config("noisy_classifier", "cpu", steps=int(sys.argv[1])), kind="noisy_classifier", progress=False)
- clf30 = r.model.eval(); print("clf", sys.argv[1], "steps", r.seconds, "s", G.accuracy_by_timestep(clf30, G.classifier_schedule()), flush=True)
+ r = train(clf, lambda m, b: G.noisy_classifier_loss(m, b, classifier_schedule()), CLASSIFIER_GUIDANCE.make_dataset("cpu"),
+          CLASSIFIER_GUIDANCE.train_config("cpu", steps=int(sys.argv[1])), kind="noisy_classifier", progress=False)
+ clf30 = r.model.eval(); print("clf", sys.argv[1], "steps", r.seconds, "s", G.accuracy_by_timestep(clf30, classifier_schedule()), flush=True)
 # ddpm: the cpu recipe (constant lr + EMA): EMA snapshots at 2x and 4x the cpu budget
 seed_everything(0)
-dm = D.build("cpu"); snaps = {}
+dm = DDPM.build_model("cpu"); snaps = {}
 def keep(step, seconds, m):
     snaps[step] = copy.deepcopy(m).eval(); print("ddpm step", step, seconds, flush=True)
-r = train(dm, D.ddpm_loss, D.shapes_dataset("cpu"), train_config("ddpm", "cpu", steps=int(sys.argv[2])),
+r = train(dm, DDPM.loss, DDPM.make_dataset("cpu"), DDPM.train_config("cpu", steps=int(sys.argv[2])),
           kind="diffusion", progress=False, snapshot=(EVERY, keep))
 print("ddpm trained", r.seconds, time.time() - t0, flush=True)
 classes, prompts = data.pair_prompts(N, 0)
