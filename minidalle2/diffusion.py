@@ -349,13 +349,15 @@ def guided_prediction(model, x_t, t, cond=None, guidance=None, null=None):
         pred = _call(model, x_t, t, conds)
         return pred if guidance is None else guidance(x_t, t, pred)
     _check_scale(guidance, "guidance scale")
+    if not conds:
+        raise ValueError("classifier-free guidance (a guidance scale) needs cond: class ids (B,), vectors (B, D), ...")
+    if guidance == 1:                            # purely conditional: one call, nothing nulled
+        return _call(model, x_t, t, conds)
     null = tuple(conds) if null is None else tuple(null)
     unknown = [name for name in null if name not in conds]
     if not null or unknown:
-        raise ValueError("classifier-free guidance (a guidance scale) needs cond, and nulls only conditions it was "
-                         f"given: got {sorted(conds) or 'none'}, asked to null {list(null) or 'none'}")
-    if guidance == 1:                            # purely conditional: one call
-        return _call(model, x_t, t, conds)
+        raise ValueError("classifier-free guidance nulls only conditions it was given: "
+                         f"got {sorted(conds)}, asked to null {list(null) or 'none'}")
     nulled = {k: null_condition(v) if k in null else v for k, v in conds.items()}
     if guidance == 0:                            # purely unconditional: one call
         return _call(model, x_t, t, nulled)

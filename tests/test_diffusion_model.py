@@ -376,3 +376,12 @@ def test_transformer_block_bad_input_is_named(x):
 def test_transformer_block_heads_must_divide_dim():
     with pytest.raises(ValueError, match="dim 10 must be divisible by heads 4"):
         TransformerBlock(dim=10, heads=4)
+
+
+def test_a_model_that_never_drops_its_condition_samples_at_w_1_and_refuses_to_guide():
+    torch.manual_seed(0)
+    model = DiffusionModel(VectorNet(), (D,), conditions={"text": 0.0})
+    text = torch.randn(2, E)
+    assert model.generate(2, cond={"text": text}, guidance=1.0, steps=2).shape == (2, D)   # w = 1: conditional only
+    with pytest.raises(ValueError, match="never drops a condition in training"):
+        model.generate(2, cond={"text": text}, guidance=2.0, steps=2)
