@@ -223,7 +223,8 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def load_or_train(recipe: Recipe, preset=None, *, cache=None, retrain=False, progress=True) -> nn.Module:
-    """The model of `recipe` at `preset`, in eval mode with gradients off: loaded if cached and fresh, else trained."""
+    """The model of `recipe` at `preset`, in eval mode with gradients off: loaded if cached and fresh, else trained;
+    either way on the device its training uses (a GPU if there is one)."""
     preset = _preset(preset)
     name = recipe.name
     path = model_path(recipe, preset, cache)
@@ -238,13 +239,14 @@ def load_or_train(recipe: Recipe, preset=None, *, cache=None, retrain=False, pro
             if meta.get("fingerprint") == fp:
                 load_state_dict_strict(model, tensors, path)
                 print(f"zoo: loaded {name!r} ({preset}) from {path}.safetensors")
-                return _frozen(model)
+                # where a fresh training would leave it, so loaded and trained models meet on one device
+                return _frozen(model.to(pick_device(recipe.train_config(preset).device)))
             print(f"zoo: cached {name!r} ({preset}) is stale (the recipe changed); retraining")
         except CheckpointError as e:
             print(f"zoo: cached {name!r} ({preset}) is unusable: {e}; retraining")
 
     # under torchrun every process trains (DDP), but only the first one touches the cache
-    setup_distributed(pick_device())
+    setup_distributed(pick_device(recipe.train_config(preset).device))
     main = is_main_process()
     # an interrupted training of this very recipe resumes; anything else starts afresh
     fp_file = run_dir / "fingerprint.txt"

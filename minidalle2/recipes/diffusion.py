@@ -123,8 +123,9 @@ def sample_cfg(model, prompts, n, seed):
 
 
 def sample_classifier_guided(classifier, prompts, n, seed, needs):
-    """The classifier guides the "ddpm" model of its own preset (a declared need)."""
-    return classifier_guided_generate(needs["ddpm"], classifier, classes_from_prompts(prompts), CLASSIFIER_SCALE,
+    """The classifier guides the "ddpm" model of its own preset (a declared need), on the classifier's device."""
+    ddpm = needs["ddpm"].to(next(classifier.parameters()).device)
+    return classifier_guided_generate(ddpm, classifier, classes_from_prompts(prompts), CLASSIFIER_SCALE,
                                       CLASSIFIER_SMOOTHING, SMOOTHING_SAMPLES, seed=seed)
 
 
