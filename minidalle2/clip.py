@@ -323,6 +323,31 @@ REPORT_IMAGES = 256   # the bar's batch: held-out one-object test images
 
 
 @torch.no_grad()
+@torch.no_grad()
+def two_object_report(model, n=REPORT_IMAGES, seed=1000):
+    """Can the embedding read two-object scenes, as unCLIP's prior and decoder will need? On n two-object test
+    scenes: same-scene R@1 both ways (their captions, random templates), and how often an image is closer to its
+    own caption than to a twin that differs only in the colours of the two objects swapped (scenes with two
+    colours) or in the relation (the objects' cells swapped: "above" <-> "below"); chance is 0.5 for twins."""
+    was_training = model.training
+    model.eval()
+    scenes = data.sample_scenes(n, "test", seed=seed, num_objects=2)
+    img = encode_images(model, data.render(scenes))
+    out = {f"two_object_{k}": v for k, v in retrieval(img, encode_texts(model, scenes.captions),
+                                                       scenes.objects.flatten(1)).items()}
+    objects = scenes.objects.tolist()
+    own = [data.caption(o) for o in objects]                       # one template for own and twins alike
+    color_twin = [data.caption([[a[0], b[1], a[2], a[3]], [b[0], a[1], b[2], b[3]]]) for a, b in objects]
+    relation_twin = [data.caption([[a[0], a[1], a[2], b[3]], [b[0], b[1], b[2], a[3]]]) for a, b in objects]
+    own_sim = (img * encode_texts(model, own)).sum(1)
+    two_colors = torch.tensor([a[1] != b[1] for a, b in objects])
+    for name, twins, keep in (("color_swap", color_twin, two_colors), ("relation_swap", relation_twin, None)):
+        wins = own_sim > (img * encode_texts(model, twins)).sum(1)
+        out[f"two_object_{name}_accuracy"] = (wins[keep] if keep is not None else wins).float().mean().item()
+    model.train(was_training)
+    return out
+
+
 def evaluate(model, n=REPORT_IMAGES, seed=1000):
     """The chapter's numbers, on n one-object images of the test split (never trained on) and n of the
     holdout split (the (shape, colour, size) triples left out of training):

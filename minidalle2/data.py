@@ -215,6 +215,12 @@ def relations_between(cell_a, cell_b):
     return [rel for rel, holds in zip(RELATIONS, (ra < rb, ra > rb, ca < cb, ca > cb)) if holds]
 
 
+def caption(objects, choice=(0, 0, 0)):
+    """The caption sample_scenes writes for one scene: objects [(shape, color, size, cell), (...)] (the second row
+    all -1 for a one-object scene) and choice = (template, relation, order) indices, taken modulo their options."""
+    return _caption([list(map(int, o)) for o in objects], choice)
+
+
 def _caption(objs, choice):
     (s0, c0, z0, p0), (s1, c1, z1, p1) = objs
     if s1 < 0:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle2 import clip, recipes
+from minidalle2 import clip, data, recipes
 from minidalle2.lab import zoo
 from minidalle2.course.checks import CheckFailed
 from minidalle2.course.checks import clip as checks
@@ -277,3 +277,23 @@ def test_pretrained_adapter_loads_a_local_open_clip_checkpoint(tmp_path, batch):
         clip.load_pretrained("tiny-test-clip", tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         adapted.encode_image(batch["image"][:2] * 3)
+
+
+def test_two_object_twins_differ_only_in_the_swapped_attribute():
+    a, b = [0, 0, 1, 0], [1, 4, 0, 8]        # a big red circle at the top left, a small blue square at the bottom right
+    own = data.caption([a, b])
+    colors = data.caption([[0, 4, 1, 0], [1, 0, 0, 8]])
+    cells = data.caption([[0, 0, 1, 8], [1, 4, 0, 0]])
+    assert own == "a big red circle above a small blue square"
+    assert colors == "a big blue circle above a small red square"
+    assert cells == "a big red circle below a small blue square"
+    assert data.parse_caption(colors).objects[0].color == 4 and data.parse_caption(cells).relation == "below"
+
+
+def test_two_object_report_is_in_range_for_an_untrained_model():
+    torch.manual_seed(0)
+    model = recipes.get("clip").build_model("smoke")
+    out = clip.two_object_report(model, n=24)
+    for key in ("two_object_r1_image_to_text_same_scene", "two_object_r1_text_to_image_same_scene",
+                "two_object_color_swap_accuracy", "two_object_relation_swap_accuracy"):
+        assert 0.0 <= out[key] <= 1.0, key

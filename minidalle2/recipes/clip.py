@@ -28,6 +28,6 @@ CLIP = Recipe(
         "full": dict(steps=5000, batch_size=512, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_steps=250,
                      lr_schedule="cosine", grad_clip=1.0, bf16=True, log_every=100),
     },
-    report=lambda model: clip.evaluate(model))
+    report=lambda model: {**clip.evaluate(model), **clip.two_object_report(model)})
 
 RECIPES = [CLIP]
