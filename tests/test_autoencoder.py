@@ -11,7 +11,7 @@ import dataclasses
 from minidalle2 import autoencoder as ae
 from minidalle2 import recipes
 from minidalle2.recipes import autoencoder as ae_recipes
-from minidalle2.lab import metrics, presets, zoo
+from minidalle2.lab import metrics, zoo
 from minidalle2.course.checks import autoencoder as checks
 from minidalle2.course.checks.core import CheckFailed
 from minidalle2.layers import ConvDecoder, ConvEncoder

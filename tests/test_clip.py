@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from minidalle2 import clip, data, recipes
-from minidalle2.lab import zoo
 from minidalle2.course.checks import CheckFailed
 from minidalle2.course.checks import clip as checks
 from minidalle2.lab.checkpoint import load_model, save_model

@@ -6,7 +6,6 @@ import torch
 
 from minidalle2 import recipes, vae
 from minidalle2.recipes import vae as vae_recipes
-from minidalle2.lab import zoo
 from minidalle2.course.checks import CheckFailed
 from minidalle2.course.checks import vae as checks
 from minidalle2.lab.checkpoint import load_model, save_model

@@ -14,7 +14,7 @@ from ..lab import zoo
 from ..lab.presets import PRESETS
 from . import autoencoder, clip, diffusion, gan, oracle, vae
 from .evaluate import benchmark, generate  # noqa: F401
-from .registry import RECIPES, get, names, register
+from .registry import RECIPES, get, names, register  # noqa: F401  (names: part of the API)
 
 # explicit, in course order: importing a chapter module registers nothing by itself
 register(*oracle.RECIPES, *gan.RECIPES, *autoencoder.RECIPES, *vae.RECIPES, *clip.RECIPES, *diffusion.RECIPES)

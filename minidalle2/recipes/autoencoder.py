@@ -1,7 +1,6 @@
 """Chapters 02-03's recipes: the auto-encoder, the denoising auto-encoder, the bottleneck sweep and the
 noise-level-input comparison, with the held-out reports they are measured by."""
 
-from functools import partial
 
 import torch
 
