@@ -19,7 +19,7 @@ PRIOR = {"smoke": dict(prior_images=2_000, prior_components=64),
 def fit_recipe_prior(model, preset="cpu"):
     """The recipe's MixturePrior at `preset`: prior_components Gaussians fitted to the codes of prior_images
     training images."""
-    n, k = PRIOR[preset]["prior_images"], PRIOR[preset]["prior_components"]
+    n, k = VAE.setting("prior_images", preset), VAE.setting("prior_components", preset)
     images = data.ShapesDataset(n, "train", seed=0).get_batch(torch.arange(n))["image"]
     return vae.fit_mixture_prior(model, images, k=k)
 
