@@ -140,6 +140,7 @@ class Scenes:
     objects: torch.Tensor      # (N, 2, 4) long: shape, color, size, position; -1 rows when absent
     offsets: torch.Tensor      # (N, 2, 2) float: (dx, dy) jitter of each centre, fraction of a cell
     captions: list
+    choices: torch.Tensor | None = None   # (N, 3) the caption's (template, relation, order) choices, if known
 
     def __len__(self):
         return len(self.captions)
@@ -177,11 +178,12 @@ def sample_scenes(n, split="train", seed=0, num_objects=None, p_two=0.5, start=0
         whole = _sample_chunk(chunk_size, _chunk_generator(seed, split, chunk), split, num_objects, p_two)
         lo = max(start - chunk * chunk_size, 0)
         hi = min(start + n - chunk * chunk_size, chunk_size)
-        parts.append(Scenes(whole.objects[lo:hi], whole.offsets[lo:hi], whole.captions[lo:hi]))
+        parts.append(Scenes(whole.objects[lo:hi], whole.offsets[lo:hi], whole.captions[lo:hi], whole.choices[lo:hi]))
     if not parts:
-        return Scenes(torch.empty(0, MAX_OBJECTS, 4, dtype=torch.long), torch.empty(0, MAX_OBJECTS, 2), [])
+        return Scenes(torch.empty(0, MAX_OBJECTS, 4, dtype=torch.long), torch.empty(0, MAX_OBJECTS, 2), [],
+                      torch.empty(0, 3, dtype=torch.long))
     return Scenes(torch.cat([p.objects for p in parts]), torch.cat([p.offsets for p in parts]),
-                  sum((p.captions for p in parts), []))
+                  sum((p.captions for p in parts), []), torch.cat([p.choices for p in parts]))
 
 
 def _sample_chunk(n, g, split, num_objects, p_two):
@@ -200,9 +202,9 @@ def _sample_chunk(n, g, split, num_objects, p_two):
     objects = torch.stack([shape, color, size, torch.stack([cell0, cell1], 1)], -1)
     objects[~two, 1] = -1
     offsets[~two, 1] = 0.0
-    template = torch.randint(1 << 30, (n, 3), generator=g).tolist()  # template, relation, order choices
-    captions = [_caption(objects[i].tolist(), template[i]) for i in range(n)]
-    return Scenes(objects, offsets, captions)
+    choices = torch.randint(1 << 30, (n, 3), generator=g)  # template, relation, order choices
+    captions = [_caption(o, c) for o, c in zip(objects.tolist(), choices.tolist())]
+    return Scenes(objects, offsets, captions, choices)
 
 
 def object_phrase(shape, color, size):
@@ -384,6 +386,46 @@ def scenes_from_prompts(prompts, seed=0):
     return Scenes(objects, offsets, captions)
 
 
+TWIN_CHANGES = ("color", "shape", "size", "relation")   # what a two-object twin swaps between its objects
+
+
+def twin_scenes(scenes, split="train", seed=0):
+    """A hard negative for each scene: a twin that differs in exactly one thing, captioned with the same template.
+    Two-object scenes swap their cells (the relation inverts; half of them) or one attribute between their objects
+    (colours, shapes or sizes: the same words, bound the other way); one-object scenes change one attribute or the position.
+    A contrastive batch that holds both a scene and its twin can only be solved by reading what tells them apart,
+    the binding of words to objects included. Twins never leave their split's (shape, colour, size) triples."""
+    if scenes.choices is None:
+        raise ValueError("twin_scenes needs scenes made by sample_scenes (their caption choices are recorded)")
+    allowed = set(_split_triples(split)[1].tolist()) if split != "holdout" else None
+    g = torch.Generator().manual_seed(check_seed(seed))
+    rand = torch.randint(1 << 30, (len(scenes), 2), generator=g).tolist()
+    out = scenes.objects.clone()
+    for n, (objs, (r0, r1)) in enumerate(zip(scenes.objects.tolist(), rand)):
+        a, b = objs
+        if b[0] >= 0 and a[:3] != b[:3]:   # two objects: swap one field between them, where it differs
+            fields = [i for i in range(3) if a[i] != b[i]]    # TWIN_CHANGES: half of the twins swap the cells
+            i = 3 if r0 % 2 or not fields else fields[(r0 // 2) % len(fields)]
+            a[i], b[i] = b[i], a[i]
+            if allowed is not None and {triple_id(*a[:3]), triple_id(*b[:3])} - allowed:
+                a[i], b[i] = b[i], a[i]
+                a[3], b[3] = b[3], a[3]       # a swap of cells keeps both triples
+        else:   # one object, or two alike (swapping them changes nothing): another value of one field of the first
+            sizes = (len(SHAPES), len(COLORS), len(SIZES), GRID * GRID)
+            for k in range(len(sizes)):
+                i = (r0 + k) % len(sizes)
+                new = a.copy()
+                new[i] = (a[i] + 1 + r1 % (sizes[i] - 1)) % sizes[i]
+                if i == 3 and b[0] >= 0:
+                    continue                  # moving one of two alike objects may leave the caption true
+                if i == 3 or allowed is None or triple_id(*new[:3]) in allowed:
+                    a = new
+                    break
+        out[n] = torch.tensor([a, b])
+    captions = [_caption(o, c) for o, c in zip(out.tolist(), scenes.choices.tolist())]
+    return Scenes(out, scenes.offsets.clone(), captions, scenes.choices.clone())
+
+
 # ----------------------------------------------------------------------------- rendering
 
 def _box_sdf(dx, dy, hx, hy):
@@ -531,6 +573,25 @@ class ShapesDataset(Dataset):
         i = i % len(self)
         return {"image": self.images[i].float() / 127.5 - 1, "objects": self.scenes.objects[i],
                 "caption": self.scenes.captions[i]}
+
+
+class TwinShapesDataset(ShapesDataset):
+    """ShapesDataset whose batches hold each scene next to its twin (twin_scenes): get_batch of B indices returns
+    2B items, scene i at row 2i and its twin at row 2i + 1. Hard negatives for contrastive training (CLIP)."""
+
+    def __init__(self, size=10_000, split="train", seed=0, resolution=32, num_objects=None, p_two=0.5):
+        super().__init__(size, split, seed, resolution, False, num_objects, p_two)
+        self.twins = twin_scenes(self.scenes, split, seed)
+        self.twin_images = torch.cat([to_uint8(render(Scenes(self.twins.objects[i:i + 4096],
+                                                             self.twins.offsets[i:i + 4096], []), resolution))
+                                      for i in range(0, size, 4096)])
+
+    def get_batch(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        images = torch.stack([self.images[indices], self.twin_images[indices]], 1).flatten(0, 1)
+        objects = torch.stack([self.scenes.objects[indices], self.twins.objects[indices]], 1).flatten(0, 1)
+        captions = [c for i in indices.tolist() for c in (self.scenes.captions[i], self.twins.captions[i])]
+        return {"image": images.float() / 127.5 - 1, "objects": objects, "caption": captions}
 
 
 def shapes_loader(batch_size=64, shuffle=True, seed=0, **dataset_kwargs):

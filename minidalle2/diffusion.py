@@ -304,7 +304,7 @@ def ddim_step(schedule, pred, t, x_t, t_prev, prediction="eps", eta=0.0, clip_x0
 
     eta = 0: deterministic; eta = 1: the DDPM posterior variance. Returns (x_{t_prev}, x0_hat)."""
     _check_step(schedule, t, t_prev)
-    _check_scale(eta, "eta")
+    check_scale(eta, "eta")
     abar, abar_prev = schedule.abar(t), schedule.abar(t_prev)
     x0, eps = _x0_eps(schedule, pred, t, x_t, prediction, clip_x0)
     sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
@@ -314,7 +314,7 @@ def ddim_step(schedule, pred, t, x_t, t_prev, prediction="eps", eta=0.0, clip_x0
     return x_prev, x0
 
 
-def _check_scale(value, name):
+def check_scale(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
@@ -348,7 +348,7 @@ def guided_prediction(model, x_t, t, cond=None, guidance=None, null=None):
     if guidance is None or callable(guidance):
         pred = _call(model, x_t, t, conds)
         return pred if guidance is None else guidance(x_t, t, pred)
-    _check_scale(guidance, "guidance scale")
+    check_scale(guidance, "guidance scale")
     if not conds:
         raise ValueError("classifier-free guidance (a guidance scale) needs cond: class ids (B,), vectors (B, D), ...")
     if guidance == 1:                            # purely conditional: one call, nothing nulled
@@ -388,7 +388,7 @@ def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, 
     shape = _check_shape(shape)
     if method not in ("ddim", "ddpm"):
         raise ValueError(f"method must be 'ddim' or 'ddpm', got {method!r}")
-    _check_scale(eta, "eta")
+    check_scale(eta, "eta")
     if method == "ddpm" and eta != 0:
         raise ValueError("eta is a DDIM parameter; method='ddpm' is eta = 1 already (leave eta at 0)")
     _check_prediction(prediction)

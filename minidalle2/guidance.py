@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import data
 from .diffusion_model import SAMPLE_STEPS, class_batch
-from .diffusion import _check_scale, predict_x0_eps, q_sample, training_target
+from .diffusion import check_scale, predict_x0_eps, q_sample, training_target
 
 # ----------------------------------------------------------------------------- classifier guidance
 
@@ -61,8 +61,8 @@ def classifier_guidance(classifier, schedule, classes, scale, prediction="eps", 
     eps' = eps - s sqrt(1 - abar_t) grad log p(y | x_t), in the network's own units (eps, x0 or v).
     smoothing = rho > 0: the gradient is averaged over `smoothing_samples` copies of x_t perturbed by
     noise of std rho sqrt(1 - abar_t), i.e. rho times the noise already in x_t (drawn from `seed`)."""
-    _check_scale(scale, "classifier guidance scale")
-    _check_scale(smoothing, "smoothing")
+    check_scale(scale, "classifier guidance scale")
+    check_scale(smoothing, "smoothing")
     if isinstance(smoothing_samples, bool) or not isinstance(smoothing_samples, int) or smoothing_samples < 1:
         raise ValueError(f"smoothing_samples must be an int >= 1, got {smoothing_samples!r}")
     _check_same_noise(classifier, schedule)

@@ -176,7 +176,10 @@ class TransformerBlock(nn.Module):
     """Pre-norm transformer block (GPT-2): x + attn(LN(x)), then x + MLP(LN(x)), over (B, L, D) tokens.
 
     causal=True lets token i attend to tokens <= i only (DALL-E's decoder, the diffusion prior); `mask`
-    (broadcastable to (B, heads, L, L), True = may attend) adds to it, e.g. padding."""
+    (broadcastable to (B, heads, L, P + L), True = may attend) adds to it, e.g. padding.
+    past=(k, v) from an earlier call (return_kv=True) holds the keys and values of P tokens that come before x:
+    x's tokens then sit at positions P.. and attend to those too. A causal prefix never sees what follows it,
+    so its keys and values can be computed once and reused (autoregressive decoding, the prior's text)."""
 
     def __init__(self, dim, heads=4, mlp_ratio=4, dropout=0.0, causal=True):
         super().__init__()
@@ -188,19 +191,24 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
                                  nn.Dropout(dropout))
 
-    def attention(self, x, mask=None):
+    def attention(self, x, mask=None, past=None):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)   # (B, h, L, d)
-        if self.causal:
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if past is not None:
+            k, v = torch.cat([past[0].to(k.dtype), k], 2), torch.cat([past[1].to(v.dtype), v], 2)
+        P = k.shape[2] - L
+        if self.causal:   # query i (position P + i) sees keys j <= P + i
+            causal = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(P)
             mask = causal if mask is None else mask & causal
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,                # softmax(q k^T / sqrt(d)) v
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(h.transpose(1, 2).reshape(B, L, D))
+        return self.proj(h.transpose(1, 2).reshape(B, L, D)), (k, v)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, past=None, return_kv=False):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.ln1.normalized_shape[0]:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"TransformerBlock expects tokens (B, L, {self.ln1.normalized_shape[0]}), got {got}")
-        x = x + self.attention(self.ln1(x), mask)
-        return x + self.mlp(self.ln2(x))
+        h, kv = self.attention(self.ln1(x), mask, past)
+        x = x + h
+        x = x + self.mlp(self.ln2(x))
+        return (x, kv) if return_kv else x

@@ -156,3 +156,28 @@ def test_bad_resolution_and_size():
         render(sample_scenes(2), resolution=8)
     with pytest.raises(ValueError, match="size"):
         ShapesDataset(0)
+
+
+def test_twins_differ_in_one_thing_and_keep_the_split():
+    """data.twin_scenes: a hard negative per scene, same template, one change; train twins never use a held-out
+    triple; the twin batch interleaves scene and twin."""
+    scenes = sample_scenes(3000, "train", seed=5, p_two=0.5)
+    twins = data.twin_scenes(scenes, "train", seed=1)
+    assert all(a != b for a, b in zip(scenes.captions, twins.captions))
+    for s, t, caption in zip(scenes.objects.tolist(), twins.objects.tolist(), twins.captions):
+        assert matches(parse_caption(caption), torch.tensor(t)), caption      # the twin's caption is true of it
+        if s[1][0] < 0:      # one object: exactly one field differs
+            assert sum(x != y for x, y in zip(s[0], t[0])) == 1 and t[1] == s[1]
+        elif s[0][:3] != s[1][:3]:   # two objects: a swap between them (same multiset of values per field)
+            assert all(sorted((s[0][i], s[1][i])) == sorted((t[0][i], t[1][i])) for i in range(4))
+            assert sum((s[0][i], s[1][i]) != (t[0][i], t[1][i]) for i in range(4)) == 1
+    used = torch.tensor([triple_id(*o[:3]) for o in twins.objects.reshape(-1, 4).tolist() if o[0] >= 0])
+    assert not torch.isin(used, torch.tensor(HELD_OUT_IDS)).any()
+    cells_swapped = (twins.objects[:, :, 3] != scenes.objects[:, :, 3]).all(1) & (scenes.objects[:, 1, 0] >= 0)
+    assert 0.4 < cells_swapped.sum() / (scenes.objects[:, 1, 0] >= 0).sum() < 0.7     # half swap the relation
+    ds = data.TwinShapesDataset(64, "train", seed=2)
+    batch = ds.get_batch(torch.tensor([3, 7]))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["caption"][2] == ds.scenes.captions[7]
+    assert batch["caption"][3] == ds.twins.captions[7] and torch.equal(batch["objects"][1], ds.twins.objects[3])
+    with pytest.raises(ValueError, match="caption choices"):
+        data.twin_scenes(scenes_from_prompts(["a red circle"]))

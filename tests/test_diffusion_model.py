@@ -366,6 +366,25 @@ def test_transformer_block_causality(causal):
     assert (after[:, j:] - before[:, j:]).abs().amax(dim=-1).min() > 1e-3, "token j and later must see the change"
 
 
+def test_transformer_block_key_value_cache_equals_one_pass():
+    """A causal prefix run once (return_kv) and the rest run after it (past=) give the outputs of one whole pass,
+    with a padding mask too: what autoregressive decoding and the prior's prefix cache rely on."""
+    torch.manual_seed(0)
+    block = TransformerBlock(dim=16, heads=4).eval()
+    x = torch.randn(3, 9, 16)
+    keys = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    keys[0, ..., 2] = False                                   # a padded position in the prefix of row 0
+    whole = block(x, keys)
+    prefix, kv = block(x[:, :5], keys[..., :5], return_kv=True)
+    assert kv[0].shape == (3, 4, 5, 4) and torch.allclose(prefix, whole[:, :5], atol=1e-6)
+    rest = block(x[:, 5:], keys, past=kv)
+    assert torch.allclose(rest, whole[:, 5:], atol=1e-5), (rest - whole[:, 5:]).abs().max()
+    step, kv2 = block(x[:, 5:6], keys[..., :6], past=kv, return_kv=True)   # one token at a time
+    step2 = block(x[:, 6:7], keys[..., :7], past=kv2)
+    assert torch.allclose(torch.cat([step, step2], 1), whole[:, 5:7], atol=1e-5)
+    assert not torch.allclose(block(x[:, 5:], keys[..., 5:]), whole[:, 5:], atol=1e-3)   # the prefix matters
+
+
 @pytest.mark.parametrize("x", [torch.randn(2, 16), torch.randn(2, 7, 8), torch.randn(1, 2, 7, 16), [[0.0] * 16]])
 def test_transformer_block_bad_input_is_named(x):
     block = TransformerBlock(dim=16, heads=4)

@@ -145,6 +145,11 @@ class Needs(Mapping):
         self._recipes = {r.name: r for r in recipe.needs}
         self._preset, self._cache, self._loaded = preset, cache, {}
 
+    @property
+    def preset(self):
+        """The preset the needs are loaded at (the dependent's own): reports size themselves by it."""
+        return self._preset
+
     def __getitem__(self, name):
         if name not in self._recipes:
             raise KeyError(f"{name!r} is not among the declared needs ({', '.join(self._recipes) or 'none'})")
