@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from minidalle2 import clip, data, diffusion, guidance, recipes, vae
+from minidalle2 import clip, data, diffusion, guidance, prior, recipes, vae
 from minidalle2.__main__ import main
 from minidalle2.diffusion import Schedule
 from minidalle2.diffusion_model import DiffusionModel
@@ -76,6 +76,31 @@ def pretrained_clip():
 def tiny_vae():
     torch.manual_seed(0)
     return vae.VAE(latent_dim=4, widths=(8, 16, 32))
+
+
+@functools.cache
+def other_clip(embed_dim=16):
+    """A CLIP of tiny_clip's sizes (or another embed_dim) with other weights."""
+    torch.manual_seed(1)
+    return clip.CLIP(embed_dim=embed_dim, patch_size=8, image_width=32, image_layers=1, text_width=32, text_layers=1,
+                     context_length=20)
+
+
+@functools.cache
+def tiny_prior():
+    """A diffusion prior bound to tiny_clip (embed_dim 16, text width 32, context 20)."""
+    torch.manual_seed(0)
+    return prior.DiffusionPrior(embed_dim=16, text_width=32, context_length=20, width=16, layers=1).bind(tiny_clip()).eval()
+
+
+def prior_sample(captions=("a red circle",), clip_model=None, **options):
+    return tiny_prior().sample(clip_model or tiny_clip(), captions if isinstance(captions, str) else list(captions),
+                               steps=2, **options)
+
+
+def prior_text(n=2, positions=20):
+    return prior.text_condition(torch.zeros(n, positions, 32), torch.ones(n, positions, dtype=torch.bool),
+                                torch.zeros(n, 16))
 
 
 def images(n=1):
@@ -281,10 +306,56 @@ BAD_INPUTS = [
     ("recipes unknown recipe", Cli("recipes", "nope"), CliError, r"^error: unknown recipe 'nope'"),
     ("sample caption typo", Cli("sample", "real", "--prompt", "a red blob", "--n", "2"), CliError,
      r"^error: unknown word 'blob'"),
+
+    # ------------------------------------------------------------------ chapter 12: the priors (prior.py)
+    ("prior empty caption", lambda: prior_sample([""]), ValueError, r"caption 0 is empty"),
+    ("prior blank caption", lambda: prior_sample(["a red circle", "   "]), ValueError, r"caption 1 is empty"),
+    ("prior caption too long", lambda: prior_sample(["a " + "big " * 30 + "circle"]), ValueError,
+     r"a caption is too long for the prior's CLIP"),
+    ("prior 30 x big", lambda: prior_sample([" ".join(["big"] * 30)]), ValueError, r"not followed by a shape"),
+    ("prior unknown word", lambda: prior_sample(["a red blob"]), ValueError, r"unknown word 'blob'"),
+    ("prior bare string", lambda: prior_sample("a red circle"), TypeError, r"captions must be a list of captions"),
+    ("prior no captions", lambda: prior_sample([]), ValueError, r"captions must be a non-empty list"),
+    ("prior caption not a str", lambda: prior_sample([3]), TypeError, r"caption 0 is a int, not a string"),
+    ("prior another CLIP", lambda: prior_sample(clip_model=other_clip()), ValueError,
+     r"trained on another CLIP than the one given"),
+    ("prior CLIP of another size", lambda: prior_sample(clip_model=other_clip(24)), ValueError,
+     r"reads a CLIP with embed_dim 16 and text width 32; this CLIP has 24 and 32"),
+    ("prior bind CLIP of another size", lambda: prior.DiffusionPrior(embed_dim=16, text_width=32).bind(other_clip(24)),
+     ValueError, r"embed_dim 16 .*this CLIP has 24"),
+    ("prior best_of=0", lambda: prior_sample(best_of=0), ValueError, r"best_of must be an int >= 1 .*got 0$"),
+    ("prior best_of=1.5", lambda: prior_sample(best_of=1.5), ValueError, r"best_of must be an int >= 1 .*got 1\.5$"),
+    ("prior best_of=True", lambda: prior_sample(best_of=True), ValueError, r"best_of must be an int >= 1 .*got True$"),
+    ("prior net embedding dim", lambda: tiny_prior().diffusion.net(torch.zeros(2, 17), torch.tensor([1, 2]), prior_text()),
+     ValueError, r"the prior denoises embeddings \(B, 16\), got \(2, 17\)"),
+    ("prior net text too long", lambda: tiny_prior().diffusion.net(torch.zeros(2, 16), torch.tensor([1, 2]),
+                                                                   prior_text(positions=24)),
+     ValueError, r"the text has 24 token positions; this prior reads at most 20"),
+    ("prior text not a text_condition", lambda: prior.split_text(torch.zeros(2, 16), 32, 16), ValueError,
+     r"a prior's text is text_condition\(states, mask, embed\)"),
+    ("text_condition no first token",
+     lambda: prior.text_condition(torch.zeros(1, 3, 32), torch.tensor([[False, True, True]]), torch.zeros(1, 16)),
+     ValueError, r"every caption needs at least its first token"),
+    ("text_condition shapes", lambda: prior.text_condition(torch.zeros(2, 3, 32), torch.ones(2, 3, dtype=torch.bool),
+                                                           torch.zeros(3, 16)),
+     ValueError, r"text_condition expects states \(B, L, W\), mask \(B, L\) and embed \(B, D\)"),
+    ("keep_best shapes", lambda: prior.keep_best(torch.zeros(2, 3, 16), torch.zeros(3, 8)), ValueError,
+     r"keep_best expects candidates \(N, B, D\) and text_embed \(B, D\)"),
+    ("EmbeddingNorm mode", lambda: prior.EmbeddingNorm(16, "whiten"), ValueError, r"normalization must be one of"),
+    ("PCAQuantizer k > dim", lambda: prior.PCAQuantizer(16, 17, 8), ValueError, r"1 <= k <= dim \(16\)"),
+    ("PCAQuantizer bins=1", lambda: prior.PCAQuantizer(16, 4, 1), ValueError, r"bins >= 2"),
+    ("ARPrior temperature=0", lambda: prior.ARPrior(embed_dim=16, text_width=32, context_length=20, k=2, bins=4, width=16,
+                                                    layers=1).eval().embed(prior_text(), torch.zeros(2, 16), temperature=0),
+     ValueError, r"temperature must be .*> 0"),
+    ("EmbeddingNorm embedding dim", lambda: prior.EmbeddingNorm(16).encode(torch.zeros(2, 17)), ValueError,
+     r"\(B, 16\).*got \(2, 17\)"),
+    ("PCAQuantizer embedding dim", lambda: prior.PCAQuantizer(16, 4, 8).encode(torch.zeros(2, 17)), ValueError,
+     r"\(B, 16\).*got \(2, 17\)"),
 ]
 
 
-@pytest.mark.parametrize("fn, error, pattern", [pytest.param(*row[1:], id=row[0]) for row in BAD_INPUTS])
+@pytest.mark.parametrize("fn, error, pattern", [pytest.param(*row[1:4], id=row[0], marks=row[4:])
+                                                 for row in BAD_INPUTS])
 def test_bad_input_gets_a_clear_error(fn, error, pattern, capsys, monkeypatch):
     with pytest.raises(error) as info:
         fn(capsys, monkeypatch) if isinstance(fn, Cli) else fn()

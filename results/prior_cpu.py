@@ -1,0 +1,46 @@
+"""Chapter 12's table at the cpu preset: every prior's numbers (recipes.prior.prior_report), the diffusion prior's
+best-of-N and guidance sweeps, and the normalisation comparison. Trains what is not cached (each <= 10 minutes).
+Usage: PYTHONPATH=. python results/prior_cpu.py results/prior_cpu.json [section ...]
+sections: table (default), sweep, norms"""
+import sys
+import time
+
+from minidalle2 import recipes
+from minidalle2.lab import zoo
+from minidalle2.lab.checkpoint import atomic_write_json
+from minidalle2.recipes.prior import prior_report
+
+PRESET = "cpu"
+out_path, sections = sys.argv[1], sys.argv[2:] or ["table"]
+try:
+    import json
+    results = json.load(open(out_path))
+except (FileNotFoundError, ValueError):
+    results = {}
+results["command"] = "PYTHONPATH=. python results/prior_cpu.py results/prior_cpu.json " + " ".join(sections)
+
+
+def run(recipe, **options):
+    model = zoo.load_or_train(recipe, PRESET, progress=False)
+    meta = zoo.cached_meta(recipe, PRESET)
+    start = time.perf_counter()
+    row = prior_report(model, zoo.Needs(recipe, PRESET), PRESET, **options)
+    row.update(train_seconds=meta.get("seconds"), report_seconds=time.perf_counter() - start, options=options)
+    print(recipe.name, options, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return row
+
+
+if "table" in sections:
+    results["table"] = {name: run(recipes.get(name)) for name in
+                        ("prior_real", "prior_none", "prior_mlp", "prior_diffusion", "prior_ar")}
+if "sweep" in sections:
+    d = recipes.get("prior_diffusion")
+    results["best_of"] = {str(n): run(d, best_of=n) for n in (1, 2, 4, 8)}
+    results["guidance"] = {str(w): run(d, guidance=w) for w in (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)}
+    results["ar_guidance"] = {str(w): run(recipes.get("prior_ar"), guidance=w) for w in (1.0, 2.0, 3.0)}
+if "norms" in sections:
+    d = recipes.get("prior_diffusion")
+    results["normalization"] = {m: run(d if m == d.model_config(PRESET)["normalization"] else
+                                       d.variant(f"prior_diffusion_{m}", model=dict(normalization=m)))
+                                for m in ("standardize", "sqrt_d", "unit")}
+atomic_write_json(out_path, results)
