@@ -428,7 +428,7 @@ class ARPrior(Prior):
             h = block(h, keys)
         return self.head(h[:, L - 1:])
 
-    def embed(self, text, text_embed, seed=0, best_of=1, guidance=1.0, temperature=1.0):
+    def embed(self, text, text_embed, seed=0, best_of=BEST_OF, guidance=1.0, temperature=1.0):
         """Sample the k codes one by one (a key-value cache over the prefix), de-quantise, invert the PCA."""
         _check_best_of(best_of)
         check_scale(guidance, "guidance scale")

@@ -176,6 +176,24 @@ def test_ema_warmup_uses_the_short_decay_first():
     assert "ema_warmup" not in cfg.to_dict() and cfg.replace(ema_warmup=True).to_dict()["ema_warmup"] is True
 
 
+def test_ema_warmup_copies_integer_buffers():
+    """An integer buffer (e.g. a prior's CLIP signature) is state, not a weight: the warm-up EMA copies it (lerp has
+    no integer kernel, and averaging ids would corrupt them)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from minidalle2.lab.train import ema_warmup_fn
+    model = nn.Linear(2, 2)
+    model.register_buffer("ids", torch.tensor([7, 200], dtype=torch.uint8))
+    ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(0.99), use_buffers=True)
+    ema.update_parameters(model)
+    model.ids.fill_(9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    assert torch.equal(ema.module.ids, torch.tensor([9, 9], dtype=torch.uint8))
+    assert not torch.equal(ema.module.weight, model.weight)          # floats are still averaged
+
+
 def test_snapshots_are_recorded_in_the_history_and_not_timed():
     import time
     calls = []

@@ -225,6 +225,9 @@ def ema_warmup_fn(decay):
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
         d = min(decay, (1 + int(num_averaged)) / (10 + int(num_averaged)))
+        if not ema_params[0].is_floating_point():             # integer buffers (ids, counts) are state: copied
+            torch._foreach_copy_(ema_params, params)
+            return
         torch._foreach_lerp_(ema_params, params, 1 - d)       # ema = d ema + (1 - d) param
     return update
 
