@@ -36,11 +36,11 @@ def expect_images(x, channels=3, resolution=32, who="model"):
     return x
 
 
-def expect_latents(z, dim, who="model"):
-    """Check that z is a float batch of latent vectors (B, dim); a clear error if not."""
+def expect_latents(z, dim, who="model", what="latents z"):
+    """Check that z is a batch of vectors (B, dim) (latents, embeddings); a clear error if not."""
     if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != dim:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"{who} expects latents z of shape (B, {dim}), got {shape}")
+        raise ValueError(f"{who} expects {what} of shape (B, {dim}), got {shape}")
     return z
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from . import data
 from .diffusion import check_scale, drop_condition
 from .diffusion_model import DiffusionModel
-from .layers import TransformerBlock, timestep_embedding
+from .layers import TransformerBlock, expect_latents, timestep_embedding
 
 NORMALIZATIONS = ("standardize", "sqrt_d", "unit")
 P_DROP_TEXT = 0.1       # the share of training rows whose text is replaced by the learned null (the paper's 10%)
@@ -72,14 +72,6 @@ def split_text(text, text_width, embed_dim):
     mask = ~nan[:, :-1].any(-1)
     clean = text.nan_to_num(0.0)
     return clean[:, :-1, :text_width], mask, clean[:, -1, :embed_dim], dropped
-
-
-def check_embeddings(z, dim, who):
-    """z must be (B, dim) floats: a clear error instead of torch's size mismatch deep inside."""
-    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != dim or not z.is_floating_point():
-        got = f"{tuple(z.shape)} {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"{who} expects embeddings (B, {dim}) as floats, got {got}")
-    return z
 
 
 def check_captions(captions, tokenize=None):
@@ -122,20 +114,20 @@ class EmbeddingNorm(nn.Module):
 
     @torch.no_grad()
     def fit(self, embeddings):
-        check_embeddings(embeddings, len(self.mean), "EmbeddingNorm.fit")
+        expect_latents(embeddings, len(self.mean), "EmbeddingNorm.fit", "embeddings")
         if self.mode == "standardize":
             self.mean.copy_(embeddings.mean(0))
             self.std.copy_(embeddings.std(0).clamp(min=1e-6))
         return self
 
     def encode(self, z):
-        check_embeddings(z, len(self.mean), "EmbeddingNorm.encode")
+        expect_latents(z, len(self.mean), "EmbeddingNorm.encode", "embeddings")
         if self.mode == "standardize":
             return (z - self.mean) / self.std
         return z * math.sqrt(len(self.mean)) if self.mode == "sqrt_d" else z
 
     def decode(self, x):
-        check_embeddings(x, len(self.mean), "EmbeddingNorm.decode")
+        expect_latents(x, len(self.mean), "EmbeddingNorm.decode", "embeddings")
         z = x * self.std + self.mean if self.mode == "standardize" else x
         return F.normalize(z.float(), dim=-1)
 
@@ -370,7 +362,7 @@ class PCAQuantizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, embeddings):
-        check_embeddings(embeddings, len(self.mean), "PCAQuantizer.fit")
+        expect_latents(embeddings, len(self.mean), "PCAQuantizer.fit", "embeddings")
         self.mean.copy_(embeddings.mean(0))
         _, vh = self.explained(embeddings)
         self.components.copy_(vh[:self.k])
@@ -388,7 +380,7 @@ class PCAQuantizer(nn.Module):
         return torch.stack([torch.bucketize(coords[:, j].contiguous(), self.edges[j]) for j in range(self.k)], 1)
 
     def encode(self, z):
-        check_embeddings(z, len(self.mean), "PCAQuantizer.encode")
+        expect_latents(z, len(self.mean), "PCAQuantizer.encode", "embeddings")
         return self._bucketize((z - self.mean) @ self.components.T)
 
     def decode(self, codes):
