@@ -323,7 +323,6 @@ REPORT_IMAGES = 256   # the bar's batch: held-out one-object test images
 
 
 @torch.no_grad()
-@torch.no_grad()
 def two_object_report(model, n=REPORT_IMAGES, seed=1000):
     """Can the embedding read two-object scenes, as unCLIP's prior and decoder will need? On n two-object test
     scenes: same-scene R@1 both ways (their captions, random templates), and how often an image is closer to its
