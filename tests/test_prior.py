@@ -64,6 +64,17 @@ def ar_prior(seed=0, **changes):
     return prior.ARPrior(**{**dict(embed_dim=D, text_width=W, k=8, bins=16, width=32, layers=2), **changes})
 
 
+def fit_batch(model, loss_fn, batch, steps, lr=3e-3):
+    """Adam on one fixed batch for `steps` steps (seeded: the loss's random t and dropout are the same every run)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def unit_cluster(n, dim=D, seed=0):
     """n unit vectors around one direction, as CLIP embeddings are (not spread over the whole sphere)."""
     g = torch.Generator().manual_seed(seed)
@@ -386,13 +397,7 @@ def test_diffusion_prior_overfits_sixteen_pairs(pairs):
     model = diffusion_prior()
     model.norm.fit(targets)
     batch = {**pairs.get_batch(torch.arange(16).repeat(4)), "image_embed": targets.repeat(4, 1)}
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(200):
-        loss, _ = prior.prior_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_batch(model, prior.prior_loss, batch, steps=200)
     model.eval()
     one = pairs.get_batch(torch.arange(16))
     z = model.embed(one["text"], one["text_embed"], seed=0, best_of=1, steps=20)
@@ -529,13 +534,7 @@ def test_ar_prior_embeds_unit_vectors_and_its_loss_decreases(text, pairs):
         before, logs = prior.ar_prior_loss(model.eval(), batch)
     assert torch.isfinite(before) and 0 <= logs["code_accuracy"] <= 1
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(30):
-        loss, _ = prior.ar_prior_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_batch(model, prior.ar_prior_loss, batch, steps=30)
     with torch.no_grad():
         after, _ = prior.ar_prior_loss(model.eval(), batch)
     assert after < 0.8 * before, f"AR loss {before:.3f} -> {after:.3f} after 30 steps on 16 pairs"

@@ -61,10 +61,12 @@ def fit_nothing(model, job):
 # ----------------------------------------------------------------------------- measurement
 
 def test_prompts(n, seed):
-    """n one-object and n two-object captions of the test split (scenes never trained on)."""
+    """(captions, scenes): n one-object then n two-object scenes of the test split (never trained on)."""
     one = data.sample_scenes(n, "test", seed=seed, num_objects=1)
     two = data.sample_scenes(n, "test", seed=seed + 1, num_objects=2)
-    return one.captions + two.captions, one, two
+    scenes = data.Scenes(torch.cat([one.objects, two.objects]), torch.cat([one.offsets, two.offsets]),
+                         one.captions + two.captions, torch.cat([one.choices, two.choices]))
+    return scenes.captions, scenes
 
 
 def _encode(clip, scenes):
@@ -106,9 +108,7 @@ def prior_report(model, needs, preset=None, seed=2000, **options):
     clip = needs["clip"]
     sizes = EVAL[preset or needs.preset]
     n, truths = sizes["prompts"], sizes["truths"]
-    prompts, one, two = test_prompts(n, seed)
-    scenes = data.Scenes(torch.cat([one.objects, two.objects]), torch.cat([one.offsets, two.offsets]), prompts,
-                         torch.cat([one.choices, two.choices]))
+    prompts, scenes = test_prompts(n, seed)
     bank, labels = embedding_bank(clip, scenes, sizes["bank"], seed, sizes["renders"])
     start = time.perf_counter()
     z = model.sample(clip, prompts, seed=seed, **options)
