@@ -35,6 +35,7 @@ Captions longer than the context (24 tokens; Shapes captions take at most 15) ar
 with a warning, the way CLIP does it (the end-of-text token is kept last).
 """
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -233,6 +234,49 @@ class PretrainedCLIP(Encoders):
         x = (images + 1) / 2                                          # [-1, 1] -> [0, 1], any size
         x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         return (x.to(self.mean.device) - self.mean) / self.std
+
+
+def signature(clip):
+    """16 bytes that identify a CLIP's weights (its text and image projections): a model trained on one CLIP's
+    embeddings (a prior, a decoder) records it, since those embeddings mean nothing in another CLIP's space."""
+    m = clip.model
+    parts = [m.text_projection, getattr(m.visual, "proj", None), m.logit_scale]
+    h = hashlib.sha256()
+    for p in parts:
+        if p is not None:
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return torch.tensor(list(h.digest()[:16]), dtype=torch.uint8)
+
+
+class CLIPBound:
+    """For an nn.Module that reads one frozen CLIP's embeddings and text (unCLIP's prior and decoder): the CLIP's
+    signature in a buffer `clip_id` (so it is saved with the weights), bind(clip) to record it, check_clip(clip)
+    to refuse another. The module sets self.embed_dim and self.text_width and calls register_clip_id()."""
+
+    def register_clip_id(self):
+        self.register_buffer("clip_id", torch.zeros(16, dtype=torch.uint8))   # all zero: not bound yet
+
+    def bind(self, clip):
+        """Record the CLIP this model is trained on (its dimensions must fit)."""
+        self._check_dims(clip)
+        self.clip_id.copy_(signature(clip))
+        return self
+
+    def _check_dims(self, clip):
+        width = clip.model.text_projection.shape[0] if hasattr(clip.model, "text_projection") else None
+        if clip.embed_dim != self.embed_dim or (width is not None and width != self.text_width):
+            raise ValueError(f"this {type(self).__name__} reads a CLIP with embed_dim {self.embed_dim} and text width "
+                             f"{self.text_width}; this CLIP has {clip.embed_dim} and {width}")
+
+    def check_clip(self, clip):
+        if not isinstance(clip, Encoders):
+            raise ValueError(f"{type(self).__name__} needs the CLIP it was trained with (a minidalle2.clip model), "
+                             f"got {type(clip).__name__}")
+        self._check_dims(clip)
+        if int(self.clip_id.sum()) and not torch.equal(self.clip_id.cpu(), signature(clip)):
+            raise ValueError(f"this {type(self).__name__} was trained on another CLIP than the one given (the "
+                             "checkpoint records its CLIP's signature): its embeddings would mean nothing here; use "
+                             "the CLIP it was trained with, or train it on this one")
 
 
 def load_pretrained(model_name, checkpoint, device="cpu"):

@@ -155,18 +155,29 @@ def zero_init(module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual; the output projection starts at zero."""
+    """Multi-head self-attention over the H*W positions, residual; the output projection starts at zero.
 
-    def __init__(self, channels, head_dim=32):
+    context_dim=C: the positions also attend to context tokens (B, L, C) -- GLIDE's way of reading text, and
+    unCLIP's decoder's CLIP-embedding tokens: each token's key and value are projected from it and put beside the
+    image's, so one softmax weighs image positions and tokens together. context_mask (B, L): False = ignore."""
+
+    def __init__(self, channels, head_dim=32, context_dim=None):
         super().__init__()
         self.heads = max(1, channels // head_dim)
         self.norm, self.qkv = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x):
+    def forward(self, x, context=None, context_mask=None):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)                        # softmax(q k^T / sqrt(d)) v
+        mask = None
+        if self.context_kv is not None:
+            L = context.shape[1]
+            ck, cv = self.context_kv(context).view(B, L, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)      # keys: [tokens, pixels]
+            mask = torch.cat([context_mask, context_mask.new_ones(B, H * W)], 1)[:, None, None]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # softmax(q k^T / sqrt(d)) v
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 

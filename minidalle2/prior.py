@@ -25,7 +25,6 @@ of it, and never the noised image embedding. Embeddings are modelled after Embed
 standardisation by default, its statistics are buffers saved with the weights) and mapped back to unit length.
 """
 
-import hashlib
 import math
 import warnings
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
+from .clip import CLIPBound
 from .diffusion import check_scale, drop_condition
 from .diffusion_model import DiffusionModel
 from .layers import TransformerBlock, expect_latents, timestep_embedding
@@ -132,48 +132,18 @@ class EmbeddingNorm(nn.Module):
         return F.normalize(z.float(), dim=-1)
 
 
-def clip_signature(clip):
-    """16 bytes that identify a CLIP's weights (its text and image projections): a prior records the CLIP it was
-    trained on, since its embeddings mean nothing in another CLIP's space."""
-    m = clip.model
-    parts = [m.text_projection, getattr(m.visual, "proj", None), m.logit_scale]
-    h = hashlib.sha256()
-    for p in parts:
-        if p is not None:
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return torch.tensor(list(h.digest()[:16]), dtype=torch.uint8)
-
-
 # ----------------------------------------------------------------------------- what every prior shares
 
-class Prior(nn.Module):
+class Prior(CLIPBound, nn.Module):
     """A text -> image-embedding model. sample(clip, captions) checks the captions and the CLIP, encodes the text
-    and returns (B, D) unit-length image embeddings; subclasses implement embed(text, text_embed, seed, **options)."""
+    and returns (B, D) unit-length image embeddings; subclasses implement embed(text, text_embed, seed, **options).
+    bind(clip) records the CLIP it is trained on; check_clip(clip) refuses another (clip.CLIPBound)."""
 
     def __init__(self, embed_dim, text_width, normalization="standardize"):
         super().__init__()
         self.embed_dim, self.text_width = embed_dim, text_width
         self.norm = EmbeddingNorm(embed_dim, normalization)
-        self.register_buffer("clip_id", torch.zeros(16, dtype=torch.uint8))   # clip_signature of its CLIP
-
-    def bind(self, clip):
-        """Record the CLIP this prior is trained on (its dimensions must fit)."""
-        self._check_dims(clip)
-        self.clip_id.copy_(clip_signature(clip))
-        return self
-
-    def _check_dims(self, clip):
-        width = clip.model.text_projection.shape[0] if hasattr(clip.model, "text_projection") else None
-        if clip.embed_dim != self.embed_dim or (width is not None and width != self.text_width):
-            raise ValueError(f"this prior reads a CLIP with embed_dim {self.embed_dim} and text width "
-                             f"{self.text_width}; this CLIP has {clip.embed_dim} and {width}")
-
-    def check_clip(self, clip):
-        self._check_dims(clip)
-        if int(self.clip_id.sum()) and not torch.equal(self.clip_id.cpu(), clip_signature(clip)):
-            raise ValueError("this prior was trained on another CLIP than the one given (the checkpoint records "
-                             "its CLIP's signature): its embeddings would mean nothing here; use the CLIP it was "
-                             "trained with, or train the prior on this one")
+        self.register_clip_id()
 
     @torch.no_grad()
     def encode_text(self, clip, captions):
@@ -516,15 +486,15 @@ class RenderPrior(Prior):
 
 class EmbeddingDataset:
     """Shapes scenes through a frozen CLIP, once: per scene the text (its token states, mask and pooled embedding)
-    and the image embedding. get_batch(indices) -> {"text": text_condition(...), "text_embed", "image_embed",
-    "objects"} for train.train."""
+    and the image embedding (keep_images=True: and the image, uint8). get_batch(indices) -> {"text":
+    text_condition(...), "text_embed", "image_embed", "objects"[, "image"]} for train.train."""
 
     @torch.no_grad()
-    def __init__(self, clip, scenes, batch_size=500):
+    def __init__(self, clip, scenes, batch_size=500, keep_images=False):
         was_training = clip.training
         clip.eval()
         device = clip.device
-        states, masks, texts, images = [], [], [], []
+        states, masks, texts, images, pixels = [], [], [], [], []
         for i in range(0, len(scenes), batch_size):
             captions = scenes.captions[i:i + batch_size]
             s, m, e = clip.text_states(captions, with_embedding=True)
@@ -532,11 +502,15 @@ class EmbeddingDataset:
             masks.append(m.cpu())
             texts.append(e.cpu())
             part = data.Scenes(scenes.objects[i:i + batch_size], scenes.offsets[i:i + batch_size], captions)
-            images.append(clip.encode_image(data.render(part).to(device)).cpu())
+            rendered = data.render(part)
+            images.append(clip.encode_image(rendered.to(device)).cpu())
+            if keep_images:
+                pixels.append(data.to_uint8(rendered))
         clip.train(was_training)
         self.states, self.masks = torch.cat(states), torch.cat(masks)
         self.text_embed, self.image_embed = torch.cat(texts), torch.cat(images)
         self.objects, self.captions = scenes.objects, scenes.captions
+        self.images = torch.cat(pixels) if keep_images else None
 
     def __len__(self):
         return len(self.image_embed)
@@ -545,4 +519,5 @@ class EmbeddingDataset:
         indices = torch.as_tensor(indices, dtype=torch.long)
         return {"text": text_condition(self.states[indices], self.masks[indices], self.text_embed[indices]),
                 "text_embed": self.text_embed[indices], "image_embed": self.image_embed[indices],
-                "objects": self.objects[indices]}
+                "objects": self.objects[indices],
+                **({"image": self.images[indices].float() / 127.5 - 1} if self.images is not None else {})}

@@ -19,6 +19,10 @@ Conditioning is added to `emb`, so every kind of condition reaches every block t
                     diffusion.drop_condition() / null_condition() work the same for both kinds.
     image_cond_channels=C   image_cond: (B, C, R, R) concatenated to x_t before the first conv,
                     e.g. an upsampler's low-resolution image, resized to R by the caller.
+    context_dim=C   context: (B, L, C) tokens that the attention layers also attend to (GLIDE's text,
+                    unCLIP's CLIP-embedding tokens), with context_mask (B, L) (False = padding).
+    resolution=None a fully convolutional net (no attention_levels): any square size that is a multiple
+                    of patch_size * 2^(levels - 1), e.g. an upsampler trained on crops, run at full size.
 
 Shape: `widths` has one entry per resolution level (32 -> 16 -> 8 for three widths). Each level
 has `blocks_per_level` residual blocks on the way down and one more on the way up, each reading
@@ -45,21 +49,21 @@ class FiLMResBlock(nn.Module):
     The second conv starts at zero, so each block starts as the identity (a deep net that trains
     like a shallow one at first)."""
 
-    def __init__(self, in_channels, out_channels, emb_dim, dropout=0.0, attention=False):
+    def __init__(self, in_channels, out_channels, emb_dim, dropout=0.0, attention=False, context_dim=None):
         super().__init__()
         self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * out_channels)
         self.norm2, self.drop = group_norm(out_channels), nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        self.attention = SpatialSelfAttention(out_channels) if attention else None
+        self.attention = SpatialSelfAttention(out_channels, context_dim=context_dim) if attention else None
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, context=None, context_mask=None):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift                            # FiLM: t and cond enter here
         h = self.skip(x) + self.conv2(self.drop(F.silu(h)))
-        return h if self.attention is None else self.attention(h)
+        return h if self.attention is None else self.attention(h, context, context_mask)
 
 
 def _describe(cond):
@@ -142,7 +146,8 @@ class DownPath(nn.Module):
     """Stem, then per level: blocks (+ attention), then a stride-2 conv (except at the last level).
     Returns the features and the skips: the output of the stem, of every block, of every downsample."""
 
-    def __init__(self, in_channels, widths, blocks_per_level, attention_levels, emb_dim, patch_size, dropout):
+    def __init__(self, in_channels, widths, blocks_per_level, attention_levels, emb_dim, patch_size, dropout,
+                 context_dim=None):
         super().__init__()
         k = 3 if patch_size == 1 else patch_size                            # patchify: stride-p conv
         self.stem = nn.Conv2d(in_channels, widths[0], k, stride=patch_size, padding=1 if patch_size == 1 else 0)
@@ -150,18 +155,18 @@ class DownPath(nn.Module):
         for i, w in enumerate(widths):
             level = nn.ModuleList()
             for _ in range(blocks_per_level):
-                level.append(FiLMResBlock(width, w, emb_dim, dropout, attention=i in attention_levels))
+                level.append(FiLMResBlock(width, w, emb_dim, dropout, i in attention_levels, context_dim))
                 width = w
             if i < len(widths) - 1:
                 level.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
             self.levels.append(level)
 
-    def forward(self, h, emb):
+    def forward(self, h, emb, context=None, context_mask=None):
         h = self.stem(h)
         skips = [h]
         for level in self.levels:
             for layer in level:
-                h = layer(h, emb) if isinstance(layer, FiLMResBlock) else layer(h)
+                h = layer(h, emb, context, context_mask) if isinstance(layer, FiLMResBlock) else layer(h)
                 skips.append(h)
         return h, skips
 
@@ -173,6 +178,8 @@ def _check_shape(resolution, widths, patch_size, attention_levels, who):
     if not widths or any(w < 1 for w in widths):
         raise ValueError(f"{who}: widths must be a non-empty list of positive ints, got {widths}")
     factor = patch_size * 2 ** (len(widths) - 1)
+    if resolution is None:                       # a fully convolutional net: any multiple of `factor`
+        return None
     if resolution % factor:
         raise ValueError(f"{who}: resolution {resolution} cannot be divided by patch_size {patch_size} "
                          f"and halved {len(widths) - 1} times")
@@ -187,7 +194,7 @@ class UNet(nn.Module):
 
     def __init__(self, channels=3, resolution=32, widths=(64, 128, 128), blocks_per_level=1,
                  attention_levels=None, time_dim=None, num_classes=None, cond_dim=None,
-                 image_cond_channels=0, patch_size=1, dropout=0.0, num_timesteps=1000):
+                 image_cond_channels=0, patch_size=1, dropout=0.0, num_timesteps=1000, context_dim=None):
         super().__init__()
         widths = [int(w) for w in widths]
         attention_levels = [len(widths) - 1] if attention_levels is None else [int(i) for i in attention_levels]
@@ -196,13 +203,14 @@ class UNet(nn.Module):
         self.config = dict(channels=channels, resolution=resolution, widths=widths, blocks_per_level=blocks_per_level,
                            attention_levels=attention_levels, time_dim=time_dim, num_classes=num_classes,
                            cond_dim=cond_dim, image_cond_channels=image_cond_channels, patch_size=patch_size,
-                           dropout=dropout, num_timesteps=num_timesteps)
+                           dropout=dropout, num_timesteps=num_timesteps, context_dim=context_dim)
         self.channels, self.resolution, self.image_cond_channels = channels, resolution, image_cond_channels
+        self.context_dim, self.factor = context_dim, patch_size * 2 ** (len(widths) - 1)
         self.embed = Embedding(widths[0], time_dim, num_classes, cond_dim, num_timesteps, "UNet")
         self.down = DownPath(channels + image_cond_channels, widths, blocks_per_level, attention_levels,
-                             time_dim, patch_size, dropout)
+                             time_dim, patch_size, dropout, context_dim)
         self.mid = nn.ModuleList([FiLMResBlock(widths[-1], widths[-1], time_dim, dropout,
-                                           attention=len(widths) - 1 in attention_levels),
+                                               len(widths) - 1 in attention_levels, context_dim),
                                   FiLMResBlock(widths[-1], widths[-1], time_dim, dropout)])
         # the widths of the down path's skips, in order: the stem, each block, each downsample
         skip_widths = [widths[0]] + [w for i, w in enumerate(widths)
@@ -211,7 +219,8 @@ class UNet(nn.Module):
         for i, w in reversed(list(enumerate(widths))):
             level = nn.ModuleList()
             for _ in range(blocks_per_level + 1):          # one more block than down: it reads the downsample's skip
-                level.append(FiLMResBlock(width + skip_widths.pop(), w, time_dim, dropout, attention=i in attention_levels))
+                level.append(FiLMResBlock(width + skip_widths.pop(), w, time_dim, dropout, i in attention_levels,
+                                          context_dim))
                 width = w
             if i > 0:
                 level.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1)))
@@ -225,24 +234,54 @@ class UNet(nn.Module):
         """The "no condition" cond for a batch: class ids -1, or NaN rows; None if unconditional."""
         return self.embed.null_condition(batch, device)
 
-    def forward(self, x, t, cond=None, image_cond=None):
-        expect_images(x, self.channels, self.resolution, "UNet")
+    def _check_images(self, x, who):
+        if self.resolution is not None:
+            return expect_images(x, self.channels if who == "UNet" else self.image_cond_channels, self.resolution, who)
+        side = x.shape[-1] if isinstance(x, torch.Tensor) and x.ndim == 4 else 0
+        if side and x.shape[-2] == side and side % self.factor == 0:
+            return expect_images(x, self.channels if who == "UNet" else self.image_cond_channels, side, who)
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} is fully convolutional and takes square images whose side is a multiple of "
+                         f"{self.factor}, got {shape}")
+
+    def _check_context(self, context, context_mask, batch):
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("UNet was built without context_dim but got context tokens")
+            return
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != batch \
+                or context.shape[2] != self.context_dim:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"UNet was built with context_dim={self.context_dim} and needs context tokens "
+                             f"({batch}, L, {self.context_dim}), got {got}")
+        if not isinstance(context_mask, torch.Tensor) or context_mask.dtype != torch.bool \
+                or context_mask.shape != context.shape[:2]:
+            raise ValueError(f"UNet: context_mask must be a bool tensor {tuple(context.shape[:2])} (False = ignore)")
+
+    def forward(self, x, t, cond=None, image_cond=None, context=None, context_mask=None):
+        self._check_images(x, "UNet")
+        if self.resolution is None and image_cond is not None:
+            self._check_images(image_cond, "UNet (image_cond)")
+            if image_cond.shape[-1] != x.shape[-1]:
+                raise ValueError(f"UNet: image_cond must have the size of x ({x.shape[-1]}), got {image_cond.shape[-1]}")
+        self._check_context(context, context_mask, len(x))
         emb = self.embed(t, cond, len(x), x.device)
         if self.image_cond_channels:
             if image_cond is None:
                 raise ValueError(f"UNet was built with image_cond_channels={self.image_cond_channels} "
                                  "and needs image_cond")
-            expect_images(image_cond, self.image_cond_channels, self.resolution, "UNet (image_cond)")
+            if self.resolution is not None:
+                expect_images(image_cond, self.image_cond_channels, self.resolution, "UNet (image_cond)")
             x = torch.cat([x, image_cond.to(x.dtype)], dim=1)
         elif image_cond is not None:
             raise ValueError("UNet was built with image_cond_channels=0 but got an image_cond")
-        h, skips = self.down(x, emb)
+        h, skips = self.down(x, emb, context, context_mask)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = layer(h, emb, context, context_mask)
         for level in self.up:
             for layer in level:
                 if isinstance(layer, FiLMResBlock):
-                    h = layer(torch.cat([h, skips.pop()], dim=1), emb)     # the skip connection
+                    h = layer(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)   # the skip connection
                 else:
                     h = layer(h)                                           # upsample
         return self.head(h)
@@ -265,6 +304,8 @@ class NoisyClassifier(nn.Module):
                  schedule="linear"):
         super().__init__()
         widths, attention_levels = [int(w) for w in widths], [int(i) for i in attention_levels]
+        if resolution is None:
+            raise ValueError("NoisyClassifier: its linear head reads a fixed-size map; give a resolution")
         side = _check_shape(resolution, widths, patch_size, attention_levels, "NoisyClassifier")
         if head not in ("flatten", "mean"):
             raise ValueError(f"NoisyClassifier: head must be 'flatten' or 'mean', got {head!r}")

@@ -9,8 +9,9 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from minidalle2 import clip, data, diffusion, guidance, prior, recipes, vae
+from minidalle2 import clip, data, decoder, diffusion, guidance, prior, recipes, upsampler, vae
 from minidalle2.__main__ import main
 from minidalle2.diffusion import Schedule
 from minidalle2.diffusion_model import DiffusionModel
@@ -91,6 +92,25 @@ def tiny_prior():
     """A diffusion prior bound to tiny_clip (embed_dim 16, text width 32, context 20)."""
     torch.manual_seed(0)
     return prior.DiffusionPrior(embed_dim=16, text_width=32, context_length=20, width=16, layers=1).bind(tiny_clip()).eval()
+
+
+@functools.cache
+def tiny_decoder(use_text=True):
+    """A decoder bound to tiny_clip (embed_dim 16, text width 32)."""
+    torch.manual_seed(0)
+    return decoder.Decoder(embed_dim=16, text_width=32, widths=(8, 16), attention_levels=(1,),
+                           use_text=use_text).bind(tiny_clip()).eval()
+
+
+def decode(embeds=None, captions=None, clip_model=None, **options):
+    embeds = F.normalize(torch.ones(2, 16), dim=-1) if embeds is None else embeds
+    return tiny_decoder().decode(clip_model or tiny_clip(), embeds, captions, steps=2, **options)
+
+
+@functools.cache
+def tiny_upsampler():
+    torch.manual_seed(0)
+    return upsampler.Upsampler(widths=(8, 16)).eval()
 
 
 def prior_sample(captions=("a red circle",), clip_model=None, **options):
@@ -351,6 +371,46 @@ BAD_INPUTS = [
      r"\(B, 16\).*got \(2, 17\)"),
     ("PCAQuantizer embedding dim", lambda: prior.PCAQuantizer(16, 4, 8).encode(torch.zeros(2, 17)), ValueError,
      r"\(B, 16\).*got \(2, 17\)"),
+
+    # ------------------------------------------------------------------ chapter 13: decoder and upsampler
+    ("decoder embedding dim", lambda: decode(F.normalize(torch.ones(2, 17), dim=-1)), ValueError,
+     r"expects CLIP image embeddings \(B, 16\) \(float\), got \(2, 17\).*reads a CLIP with embed_dim 16"),
+    ("decoder embedding not unit length", lambda: decode(torch.ones(2, 16)), ValueError,
+     r"expects unit-length CLIP image embeddings .*got norms in \[4, 4\]"),
+    ("decoder embedding partly NaN", lambda: tiny_decoder().diffusion.net(
+        torch.zeros(1, 3, 32, 32), torch.tensor([1]), torch.tensor([[float("nan")] + [0.25] * 15]), None),
+     ValueError, r"all finite or all NaN"),
+    ("decoder integer embeddings", lambda: decode(torch.ones(2, 16, dtype=torch.long)), ValueError,
+     r"expects CLIP image embeddings \(B, 16\) \(float\)"),
+    ("decoder another CLIP", lambda: decode(clip_model=other_clip()), ValueError,
+     r"this Decoder was trained on another CLIP than the one given"),
+    ("decoder CLIP of another size", lambda: decode(clip_model=other_clip(24)), ValueError,
+     r"this Decoder reads a CLIP with embed_dim 16 and text width 32; this CLIP has 24 and 32"),
+    ("decoder not a CLIP", lambda: decode(clip_model="ViT-B-32"), ValueError,
+     r"Decoder needs the CLIP it was trained with .*got str"),
+    ("decoder unknown guidance mode", lambda: decode(guidance=2.0, guide="caption"), ValueError,
+     r"unknown guidance mode guide='caption': choose one of \['both', 'embed', 'text'\]"),
+    ("decoder caption count", lambda: decode(captions=["a red circle"]), ValueError,
+     r"got 2 embeddings but 1 captions"),
+    ("decoder caption typo", lambda: decode(captions=["a red circle", "a red blob"]), ValueError, r"unknown word 'blob'"),
+    ("decoder without text given captions", lambda: tiny_decoder(False).decode(
+        tiny_clip(), F.normalize(torch.ones(1, 16), dim=-1), ["a red circle"]), ValueError, r"no text pathway"),
+    ("decoder net missing text", lambda: tiny_decoder().diffusion.net(
+        torch.zeros(1, 3, 32, 32), torch.tensor([1]), F.normalize(torch.ones(1, 16), dim=-1)), ValueError,
+     r"this decoder reads captions \(use_text=True\): give text"),
+    ("upsampler 64-px input", lambda: tiny_upsampler().upsample(torch.zeros(1, 3, 64, 64)), ValueError,
+     r"expects the 32-px images to enlarge, got 64-px ones"),
+    ("upsampler 16-px input", lambda: tiny_upsampler().upsample(torch.zeros(1, 3, 16, 16)), ValueError,
+     r"expects images of shape \(B, 3, 32, 32\), got \(1, 3, 16, 16\)"),
+    ("upsampler noise level", lambda: tiny_upsampler().upsample(torch.zeros(1, 3, 32, 32), noise_level=2), ValueError,
+     r"noise_level must be a number in \[0, 1\)"),
+    ("upsampler crop", lambda: upsampler.Upsampler(widths=(8, 16), crop=20), ValueError,
+     r"crop 20 must be a multiple of 4 and at most 64"),
+    ("upsampler net odd size", lambda: tiny_upsampler().diffusion.net(
+        torch.zeros(1, 3, 30, 30), torch.tensor([1]), torch.zeros(1, 3, 30, 30), torch.zeros(1)), ValueError,
+     r"fully convolutional and takes square images whose side is a multiple of 4, got \(1, 3, 30, 30\)"),
+    ("UNet missing context", lambda: UNet(widths=(8, 16), context_dim=8)(torch.zeros(1, 3, 32, 32), torch.tensor([1])),
+     ValueError, r"built with context_dim=8 and needs context tokens \(1, L, 8\), got NoneType"),
 ]
 
 

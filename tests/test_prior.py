@@ -580,7 +580,7 @@ def test_smoke_recipe_trains_once_then_loads_and_reports(monkeypatch, tmp_path, 
     want, got = first.state_dict(), second.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     clip_model = recipes.load("clip", "smoke")
-    assert torch.equal(second.clip_id, prior.clip_signature(clip_model)), "bound to the CLIP it was trained on"
+    assert torch.equal(second.clip_id, clip_module.signature(clip_model)), "bound to the CLIP it was trained on"
     assert (second.norm.std != 1).all(), "the normalisation statistics were fitted and saved"
     recipe = recipes.get("prior_diffusion")
     report = recipe.report(second, **zoo.with_needs(recipe, "smoke"))

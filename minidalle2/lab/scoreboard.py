@@ -11,6 +11,8 @@ Numbers (all from the oracle, never from the model being scored):
   stating it whose image gets it right;
 - fid / kid: in oracle feature space against real renders of the same prompts (or of the test
   split), beside fid_floor / kid_floor: the same numbers for two sets of real images of equal size;
+- binding_errors: among two-object prompts, the share of images with the right attributes on the wrong objects
+  (colours swapped between the shapes, ...): the failure unCLIP's paper reports for its decoder;
 - coverage: share of the 30 shape x colour pairs seen among valid objects; coverage_entropy;
 - diversity: mean pairwise feature distance over all images; diversity_per_prompt: the same between
   images of one prompt, when prompts repeat;
@@ -65,6 +67,24 @@ def _attribute_hits(prompt, objects, hits, totals):
         hits["relation"] += bool(best.get("relation"))
 
 
+def binding_error(prompt, objects):
+    """Two objects whose attributes are all the prompt's, bound to the wrong objects: for each attribute the two
+    detected values are the two stated ones (as a multiset, e.g. a red and a blue), yet no pairing of detected with
+    stated objects gets every object right (the red is the square, not the circle). False for one-object prompts."""
+    rows = [r for r in objects.tolist() if r[0] >= 0]
+    if len(prompt.objects) != 2 or len(rows) != 2:
+        return False
+    specs = [(s.shape, s.color, s.size) for s in prompt.objects]
+    for i in range(3):
+        stated = [s[i] for s in specs if s[i] is not None]
+        got = [r[i] for r in rows]
+        if any(stated.count(v) > got.count(v) for v in stated):
+            return False                                   # a stated value is missing: not a binding error
+    def fits(spec, row):
+        return all(w is None or w == g for w, g in zip(spec, row[:3]))
+    return not any(fits(specs[0], a) and fits(specs[1], b) for a, b in (rows, rows[::-1]))
+
+
 def reference_images(n, prompts=None, seed=1, resolution=32):
     """Real renders to compare against: of the same prompts if given, else of the test split."""
     scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
@@ -91,6 +111,9 @@ def score(images, prompts=None, oracle=None, reference=None, seed=0):
         for p, o in zip(parsed, reading.objects):
             _attribute_hits(p, o, hits, totals)
         report.update({f"attr_{a}": hits[a] / totals[a] for a in hits if totals[a]})
+        two = [i for i, p in enumerate(parsed) if len(p.objects) == 2]
+        if two:   # share of two-object prompts drawn with their attributes on the wrong objects
+            report["binding_errors"] = sum(binding_error(parsed[i], reading.objects[i]) for i in two) / len(two)
 
     # coverage of the 30 shape x colour pairs among objects in valid images
     objects = reading.objects[reading.valid].reshape(-1, 4)

@@ -12,13 +12,13 @@ the recipes it builds on, and how it samples. A new chapter adds a file here and
 
 from ..lab import zoo
 from ..lab.presets import PRESETS
-from . import autoencoder, clip, diffusion, gan, oracle, prior, vae
+from . import autoencoder, clip, decoder, diffusion, gan, oracle, prior, vae
 from .evaluate import benchmark, generate  # noqa: F401
 from .registry import RECIPES, get, names, register  # noqa: F401  (names: part of the API)
 
 # explicit, in course order: importing a chapter module registers nothing by itself
 register(*oracle.RECIPES, *gan.RECIPES, *autoencoder.RECIPES, *vae.RECIPES, *clip.RECIPES, *diffusion.RECIPES,
-         *prior.RECIPES)
+         *prior.RECIPES, *decoder.RECIPES)
 
 
 def load(name, preset=None, **kwargs):
