@@ -194,21 +194,17 @@ def test_checkpoints_record_the_clip_they_need(tmp_path, tiny_clip):
 
 
 def test_the_decoder_overfits_one_batch(batch):
+    """One fixed draw of (t, noise, dropout) on 8 images: the network can memorise it."""
     model = tiny_decoder(live_head=False).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    fixed = torch.Generator()
-
-    def loss_at(seed):
-        return model.diffusion.loss(batch, generator=fixed.manual_seed(seed))[0]
-
-    first = loss_at(0).item()
-    for step in range(60):
-        loss = loss_at(step % 4)         # four fixed draws of (t, noise, dropout)
+    loss_at = lambda: model.diffusion.loss(batch, generator=torch.Generator().manual_seed(0))[0]
+    first = loss_at().item()
+    for _ in range(120):
+        loss = loss_at()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = sum(loss_at(s).item() for s in range(4)) / 4
-    assert last < 0.4 * first, (first, last)
+    assert loss_at().item() < 0.3 * first, (first, loss_at().item())
 
 
 # ----------------------------------------------------------------------------- 3. the upsampler

@@ -154,3 +154,176 @@ def test_through_last_check_ends_at_the_last_check_cell():
     assert len(short.cells) == 2 and exercises.is_check_cell(short.cells[-1]) and len(nb.cells) == 4
     plain = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     assert len(exercises.through_last_check(plain).cells) == 1
+
+
+# ============================================================================= chapter 13 (the unCLIP decoder): checks
+# Each check accepts the library's answer and a student-style one, and rejects the usual wrong answers with a message
+# that names the mistake.
+
+import math  # noqa: E402
+import re  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from minidalle2 import clip as clip_module, diffusion, upsampler  # noqa: E402
+from minidalle2.course.checks import decoder as decoder_checks  # noqa: E402
+from minidalle2.decoder import Decoder  # noqa: E402
+
+
+def _nulled(conds, names):
+    return {k: diffusion.null_condition(v) if k in names else v for k, v in conds.items()}
+
+
+def _cfg(combine=lambda c, u, w: u + w * (c - u), nulls=lambda null, conds: null):
+    """A student-style cfg_prediction: two passes, the second nulling nulls(null, conds), combined by `combine`."""
+    def cfg_prediction(model, x_t, t, conds, w, null):
+        pred_c = model(x_t, t, **conds)
+        pred_u = model(x_t, t, **_nulled(conds, nulls(null, conds)))
+        return combine(pred_c, pred_u, w)
+    return cfg_prediction
+
+
+def _zeros_as_null(model, x_t, t, conds, w, null):
+    pred_c = model(x_t, t, **conds)
+    pred_u = model(x_t, t, **{k: torch.zeros_like(v) if k in null else v for k, v in conds.items()})
+    return pred_u + w * (pred_c - pred_u)
+
+
+def _leaves_out(model, x_t, t, conds, w, null):
+    pred_c = model(x_t, t, **conds)
+    pred_u = model(x_t, t, **{k: v for k, v in conds.items() if k not in null})
+    return pred_u + w * (pred_c - pred_u)
+
+
+def _in_place(model, x_t, t, conds, w, null):
+    pred_c = model(x_t, t, **conds)
+    for k in null:
+        conds[k] = diffusion.null_condition(conds[k])
+    pred_u = model(x_t, t, **conds)
+    return pred_u + w * (pred_c - pred_u)
+
+
+def _not_written(*args):
+    raise NotImplementedError()
+
+
+def test_decoder_cfg_check_accepts_the_library_and_two_passes(capsys):
+    decoder_checks.cfg_prediction(lambda m, x, t, c, w, null: diffusion.guided_prediction(m, x, t, c, w, null))
+    decoder_checks.cfg_prediction(_cfg())
+    assert capsys.readouterr().out.count("cfg_prediction: correct") == 2
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_cfg(lambda c, u, w: c + w * (c - u)), "(1 + w) convention"),
+    (_cfg(lambda c, u, w: c - w * (c - u)), "sign is wrong"),
+    (_cfg(lambda c, u, w: w * c), "unconditional prediction is missing"),
+    (_cfg(lambda c, u, w: c), "returned the conditional prediction"),
+    (_cfg(nulls=lambda null, conds: tuple(conds)), "keeps its value in the unconditional pass"),
+    (_cfg(nulls=lambda null, conds: tuple(k for k in conds if k not in null) or tuple(conds)), "and only those"),
+    (_zeros_as_null, "by zeros"),
+    (_leaves_out, "do not leave it out"),
+    (_in_place, "do not modify `conds`"),
+])
+def test_decoder_cfg_check_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        decoder_checks.cfg_prediction(wrong)
+
+
+def test_decoder_checks_say_when_nothing_is_written():
+    with pytest.raises(NotImplementedError, match="not written yet"):
+        decoder_checks.cfg_prediction(_not_written)
+    with pytest.raises(NotImplementedError, match="not written yet"):
+        decoder_checks.corrupt_low_res(_not_written)
+
+
+def _corrupt(pad="reflect", two=True, normalize=True, clamp=True, radius=None, axes="xy", per_image=True,
+             noise_first=False, level_power=1.0, own_noise=False):
+    """A student-style corrupt_low_res (a loop over images, separable conv), with the knobs of the usual mistakes."""
+    def corrupt_low_res(low, sigma, level, noise):
+        B, C, H, W = low.shape
+        r = radius or max(1, math.ceil(3 * float(sigma.max())))
+        x = torch.arange(-r, r + 1, dtype=torch.float32)
+        eps = torch.randn_like(low) if own_noise else noise
+        scaled = level.view(-1, 1, 1, 1) ** level_power * eps
+        source = low + scaled if noise_first else low
+        out = []
+        for b in range(B):
+            s = sigma[b] if per_image else sigma.max()
+            s = s.clamp(min=1e-3) if clamp else s
+            k = torch.exp(-x ** 2 / ((2 if two else 1) * s ** 2))
+            k = k / k.sum() if normalize else k
+            h = F.pad(source[b:b + 1], (r, r, r, r), mode=pad) if pad != "zeros" else F.pad(source[b:b + 1], (r,) * 4)
+            h = F.conv2d(h, k.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C) if "x" in axes else h[..., :, r:-r]
+            h = F.conv2d(h, k.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C) if "y" in axes else h[..., r:-r, :]
+            out.append(h[0])
+        return torch.stack(out) + (0 if noise_first else scaled)
+    return corrupt_low_res
+
+
+def test_decoder_corruption_check_accepts_the_library_and_a_loop(capsys):
+    decoder_checks.corrupt_low_res(lambda low, s, lv, n: upsampler.gaussian_blur(low, s) + lv.view(-1, 1, 1, 1) * n)
+    decoder_checks.corrupt_low_res(_corrupt())
+    assert capsys.readouterr().out.count("corrupt_low_res: correct") == 2
+
+
+def _no_noise(low, sigma, level, noise):
+    return upsampler.gaussian_blur(low, sigma)
+
+
+def _no_blur(low, sigma, level, noise):
+    return low + level.view(-1, 1, 1, 1) * noise
+
+
+def _modifies_low(low, sigma, level, noise):
+    return low.add_(level.view(-1, 1, 1, 1) * noise)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_no_blur, "not blurred"),
+    (_no_noise, "noise is missing"),
+    (_corrupt(noise_first=True), "blurred the noise too"),
+    (_corrupt(normalize=False), "normalise the kernel"),
+    (_corrupt(two=False), "a factor 2 is missing"),
+    (_corrupt(pad="zeros"), "mode='reflect'"),
+    (_corrupt(pad="replicate"), "not 'replicate'"),
+    (_corrupt(axes="x"), "rows only"),
+    (_corrupt(level_power=2.0), "not its variance"),
+    (_corrupt(own_noise=True), "use the `noise` given"),
+    (_corrupt(per_image=False), "the widest blur"),
+    (_corrupt(radius=3), "not a fixed 3"),
+    (_corrupt(clamp=False), "sigma is 0"),
+    (_modifies_low, "do not modify its inputs"),
+])
+def test_decoder_corruption_check_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        decoder_checks.corrupt_low_res(wrong)
+
+
+@pytest.fixture(scope="module")
+def bound_decoder():
+    """A tiny CLIP and a 32-px decoder bound to it, with random weights (a trained one would do the same)."""
+    torch.manual_seed(0)
+    clip = clip_module.CLIP(embed_dim=16, patch_size=8, image_width=32, image_layers=1, text_width=32,
+                            text_layers=1).eval()
+    model = Decoder(embed_dim=16, text_width=32, resolution=32, widths=(8, 16), patch_size=2, attention_levels=(1,))
+    decoder_checks.randomize_zero_layers(model.bind(clip), std=0.05)
+    return model.eval(), clip
+
+
+def test_decoder_cfg_decoding_check_samples_with_the_students_guidance(bound_decoder, capsys):
+    model, clip = bound_decoder
+    embeds = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    scored = []
+
+    def score(images):
+        scored.append(tuple(images.shape))
+        return images.mean().item()
+
+    decoder_checks.cfg_decoding(_cfg(), model, clip, embeds, score, 3.0, steps=3)
+    assert scored == [(3, 3, 32, 32)] * 2                      # the student's images and the library's
+    out = capsys.readouterr().out
+    assert "correct" in out and "with your guidance" in out and "Decoder.decode" in out
+    with pytest.raises(CheckFailed, match="make the check of the exercise above pass first"):
+        decoder_checks.cfg_decoding(_cfg(lambda c, u, w: c + w * (c - u)), model, clip, embeds, score, 3.0, steps=3)
+    with pytest.raises(NotImplementedError):
+        decoder_checks.cfg_decoding(_not_written, model, clip, embeds, score, 3.0, steps=3)
