@@ -27,8 +27,8 @@ from .clip import CLIP
 from .common import shapes_train
 from .prior import CLIP_SIZES, P_TWO, test_prompts
 
-# the chosen CFG scale (guide "both"): the best caption accuracy and validity of the cpu sweep (results/decoder_cpu.json,
-# scales 1-5); higher scales lose validity and diversity together
+# the chosen CFG scale (guide "both"): the best caption accuracy of the cpu sweep over scales 1-5 (results/decoder_cpu.json);
+# validity and per-embedding diversity fall with every step up in scale
 GUIDANCE = 2.0
 SCALES = (1.0, 2.0, 3.0, 4.0, 5.0)
 DATA = {"smoke": dict(size=1_000, p_two=P_TWO), "cpu": dict(size=50_000, p_two=P_TWO),
