@@ -40,16 +40,19 @@ def batch(tiny_clip):
 
 
 def tiny_decoder(seed=0, live_head=True, **changes):
-    """A small decoder; live_head: the U-Net's zero-initialised last conv given random weights, so that the untrained
+    """A small decoder; live_head: its zero-initialised convs given random weights (live), so that the untrained
     network's output depends on its inputs (a zero head outputs 0 whatever it reads)."""
     torch.manual_seed(seed)
     model = decoder.Decoder(**{**dict(embed_dim=D, text_width=W, widths=(16, 32), attention_levels=(1,)), **changes})
-    if live_head:
-        torch.nn.init.normal_(model.diffusion.net.unet.head[2].weight, std=0.05)
-        for module in model.modules():     # the zero-initialised residual branches and attention outputs too
-            if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
-                torch.nn.init.normal_(module.weight, std=0.05)
-    return model.eval()
+    return (live(model) if live_head else model).eval()
+
+
+def live(model):
+    """Random weights for every zero-initialised conv (the head, the residual branches, the attention outputs)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.05)
+    return model
 
 
 def inputs(n=3, seed=1, resolution=32):
@@ -211,9 +214,7 @@ def test_the_decoder_overfits_one_batch(batch):
 
 def tiny_upsampler(**changes):
     torch.manual_seed(0)
-    model = upsampler.Upsampler(**{**dict(widths=(8, 16)), **changes})
-    torch.nn.init.normal_(model.diffusion.net.unet.head[2].weight, std=0.05)
-    return model.eval()
+    return live(upsampler.Upsampler(**{**dict(widths=(8, 16)), **changes})).eval()
 
 
 def test_the_upsampler_is_convolutional_and_runs_at_32_and_64_px():

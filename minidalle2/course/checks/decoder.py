@@ -195,7 +195,8 @@ def corrupt_low_res(fn):
     name = "corrupt_low_res"
     for what, low, sigma, level, noise in _corruption_cases():
         B, _, H, W = low.shape
-        label = f"{name}(low {tuple(low.shape)}, sigma {sigma.tolist()}, level {level.tolist()}, noise): {what}"
+        label = (f"{name}(low {tuple(low.shape)}, sigma {[round(v, 3) for v in sigma.tolist()]}, "
+                 f"level {[round(v, 3) for v in level.tolist()]}, noise): {what}")
         inputs = [low.clone(), sigma.clone(), level.clone(), noise.clone()]
         out = call(fn, *inputs, name=name)
         if any(not torch.equal(a, b) for a, b in zip(inputs, (low, sigma, level, noise))):
