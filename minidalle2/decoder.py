@@ -99,7 +99,7 @@ class DecoderNet(nn.Module):
             if text is None:
                 raise ValueError("this decoder reads captions (use_text=True): give text (prior.text_condition), "
                                  "or its null (diffusion.null_condition) for none")
-            states, token_mask, _, no_text = split_text(text, self.text_width, 1)
+            states, token_mask, _, no_text = split_text(text, self.text_width, self.embed_dim)
             words = self.text_in(states.to(x.dtype))
             null = self.null_text.to(words.dtype).expand(len(x), 1, -1)
             tokens = torch.cat([tokens, null, words], 1)

@@ -3,6 +3,7 @@ import json
 import torch
 from minidalle2 import recipes, data
 from minidalle2.lab import zoo
+from minidalle2.lab.checkpoint import atomic_write_json
 from minidalle2.lab.scoreboard import score
 from minidalle2.recipes.prior import test_prompts
 from minidalle2.recipes.decoder import encode, DECODER, GUIDANCE
@@ -25,4 +26,4 @@ for name, m, sec in (("decoder_1300_steps", v, zoo.cached_meta(half, "cpu")["sec
 path = "results/decoder_cpu.json"
 results = json.load(open(path))
 results["training_slope"] = {"command": "PYTHONPATH=. python results/decoder_slope_cpu.py", "prompts_per_kind": 300, **out}
-json.dump(results, open(path, "w"), indent=1)
+atomic_write_json(path, results)
