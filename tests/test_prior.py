@@ -15,7 +15,7 @@ from minidalle2.lab import zoo
 from minidalle2.lab.checkpoint import load_model, save_model
 from minidalle2.layers import timestep_embedding
 
-D, W = 32, 32          # the tiny CLIP's embedding size and text width
+D, W = 32, 32          # the tiny CLIP's embedding size and text width (the tiny_clip fixture of tests/conftest.py)
 CAPTIONS = ["a big red circle", "a small blue square at the top left", "a green triangle above a yellow cross"]
 
 
@@ -23,21 +23,7 @@ def close(a, b, atol=1e-6, rtol=0.0):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, equal_nan=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds overhead (and, on a busy 2-core machine, made a training
-    step ~25x slower: 500 ms instead of 19 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(0)
-    return clip_module.CLIP(embed_dim=D, patch_size=8, image_width=32, image_layers=1, text_width=W,
-                            text_layers=1).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,7 @@ class DropoutMLP(nn.Module):
         return self.net(x)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: a second thread only adds wake-up latency (10x slower on 2 cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def config(**kw):
