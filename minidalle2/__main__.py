@@ -1,4 +1,4 @@
-"""The command line: python -m minidalle2 {train, sample, evaluate, curve, scoreboard, recipes, course, student} --help"""
+"""The command line: python -m minidalle2 {train, sample, evaluate, curve, scoreboard, claims, recipes, course, student} --help"""
 import argparse
 import json
 import sys
@@ -83,6 +83,13 @@ def _scoreboard(args):
     return 0
 
 
+def _claims(args):
+    from .recipes.claims import claims
+    path = claims(args.preset, args.results, args.out, run_missing=not args.no_run)
+    print(f"wrote {path}")
+    return 0
+
+
 def _recipes(args):
     from . import recipes
     if args.name:
@@ -124,7 +131,8 @@ def main(argv=None):
     p.set_defaults(run=_train)
 
     p = with_preset(sub.add_parser("sample", help="draw samples from a generator into a PNG grid"))
-    p.add_argument("name", help="a generator recipe, or 'real' for exact renders of the prompts")
+    p.add_argument("name", help="a generator recipe, 'unclip' for the whole pipeline (64 px), or 'real' for exact "
+                                "renders of the prompts")
     p.add_argument("--prompt", action="append", help="caption (repeat for several)")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -132,7 +140,7 @@ def main(argv=None):
     p.set_defaults(run=_sample)
 
     p = with_preset(sub.add_parser("evaluate", help="benchmark a generator with the oracle; adds a scoreboard row"))
-    p.add_argument("name", help="a generator recipe, or 'real' for the ceiling row")
+    p.add_argument("name", help="a generator recipe, 'unclip' for the whole pipeline, or 'real' for the ceiling row")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--split", default="test", help="whose captions are the prompts: test or holdout")
     p.add_argument("--seed", type=int, default=0)
@@ -152,6 +160,12 @@ def main(argv=None):
     p = sub.add_parser("scoreboard", help="print the scoreboard table")
     p.add_argument("--path", help="default: $MINIDALLE2_SCOREBOARD or <cache>/scoreboard.jsonl")
     p.set_defaults(run=_scoreboard)
+
+    p = with_preset(sub.add_parser("claims", help="the papers' claims beside our numbers -> results/claims.md"))
+    p.add_argument("--results", default="results", help="the folder of results files (default: results)")
+    p.add_argument("--out", help="default: <results>/claims.md (cpu) or claims_<preset>.md")
+    p.add_argument("--no-run", action="store_true", help="only read the results files; measure nothing missing")
+    p.set_defaults(run=_claims)
 
     p = sub.add_parser("student", help="write student versions of the notebooks (solutions -> NotImplementedError)")
     p.add_argument("notebooks", nargs="*", help="default: every NN_*.ipynb in --notebooks-dir")

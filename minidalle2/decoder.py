@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .clip import CLIPBound
+from .data import check_images
 from .diffusion_model import SAMPLE_STEPS, DiffusionModel
 from .prior import check_captions, split_text, text_condition
 from .unet import UNet
@@ -153,10 +154,35 @@ class Decoder(CLIPBound, nn.Module):
 
     @torch.no_grad()
     def decode(self, clip, embeds, captions=None, guidance=None, guide="both", steps=SAMPLE_STEPS, eta=None, seed=0,
-               batch_size=500, progress=False):
+               batch_size=500, progress=False, x_T=None):
         """Images (B, 3, R, R) in [-1, 1] drawn from CLIP image embeddings (B, D) (and their captions, if given),
         with DDIM (`steps`, `eta`; DiffusionModel.generate's defaults) and CFG scale `guidance` (None or 1:
-        conditional) nulling the conditions named by `guide` (see the module docstring)."""
+        conditional) nulling the conditions named by `guide` (see the module docstring). x_T: the starting noise
+        (B, 3, R, R) instead of the seed's (invert()'s, or one noise held fixed across embeddings)."""
+        conds, null = self._guided(clip, embeds, captions, guide)
+        return self.diffusion.generate(len(embeds), cond=conds, guidance=None if guidance in (None, 1) else guidance,
+                                       null=null, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                                       progress=progress, x_T=x_T)
+
+    @torch.no_grad()
+    def invert(self, clip, images, embeds=None, captions=None, guidance=None, guide="both", steps=SAMPLE_STEPS):
+        """DDIM inversion (diffusion.ddim_invert): the noise x_T (B, 3, R, R) from which decode(clip, embeds, captions,
+        guidance, guide, steps, eta=0, x_T=x_T) returns to `images`. embeds: default the images' own CLIP embeddings."""
+        images = check_images(images, channels=(3,), name="images to invert")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"this decoder inverts {self.resolution}x{self.resolution} images, got "
+                             f"{tuple(images.shape[-2:])}; resize them first (data.downsample)")
+        if embeds is None:
+            self.check_clip(clip)
+            embeds = clip.encode_image(images.to(clip.device)).float().cpu()
+        conds, null = self._guided(clip, embeds, captions, guide)
+        if len(embeds) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(embeds)} embeddings; give one embedding per image")
+        return self.diffusion.invert(images.to(self.clip_id.device), cond=conds,
+                                     guidance=None if guidance in (None, 1) else guidance, null=null, steps=steps).cpu()
+
+    def _guided(self, clip, embeds, captions, guide):
+        """(the conditions on this decoder's device, the names the unconditional pass nulls), all checked."""
         self.check_clip(clip)
         if guide not in GUIDES:
             raise ValueError(f"unknown guidance mode guide={guide!r}: choose one of {sorted(GUIDES)} (the "
@@ -164,12 +190,8 @@ class Decoder(CLIPBound, nn.Module):
         null = tuple(name for name in GUIDES[guide] if name in self.diffusion.conditions)
         if not null:
             raise ValueError(f"guide={guide!r} nulls the caption, but this decoder has no text pathway")
-        conds = self.conditions(clip, embeds, captions)
         device = self.clip_id.device
-        conds = {k: v.to(device) for k, v in conds.items()}
-        return self.diffusion.generate(len(embeds), cond=conds, guidance=None if guidance in (None, 1) else guidance,
-                                       null=null, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                                       progress=progress)
+        return {k: v.to(device) for k, v in self.conditions(clip, embeds, captions).items()}, null
 
     def forward(self, x_t, t, **conditions):
         return self.diffusion(x_t, t, **conditions)

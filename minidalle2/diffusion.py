@@ -377,14 +377,15 @@ def _check_shape(shape):
 @torch.no_grad()
 def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, guidance=None, seed=0,
            clip_x0=True, progress=False, prediction="eps", variance="fixed_small", spacing="trailing",
-           device=None, null=None):
+           device=None, null=None, x_T=None):
     """Draw samples of `shape` by running the reverse process over `steps` timesteps (see timesteps()).
 
     method "ddim" (eta = 0: deterministic) or "ddpm" (ancestral, `variance` fixed_small / fixed_large).
     cond: the network's condition(s), one row per sample (a tensor passed as cond=, or a dict of named tensors);
     guidance: None, a CFG scale w >= 0 (nulls the conditions named in `null`, default all), or a callable
     (see guided_prediction). Samples of shape (B, C, H, W) are images; (B, D) vectors work the same way. All noise comes from one CPU generator seeded with `seed`, so the
-    result does not depend on the global RNG, and the noise is the same on every device."""
+    result does not depend on the global RNG, and the noise is the same on every device. x_T: the starting noise
+    (`shape`) instead of a draw, e.g. ddim_invert's, or one noise held fixed along an interpolation."""
     shape = _check_shape(shape)
     if method not in ("ddim", "ddpm"):
         raise ValueError(f"method must be 'ddim' or 'ddpm', got {method!r}")
@@ -401,6 +402,13 @@ def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, 
     conds = {k: v.to(device) for k, v in conds.items()}
     g = torch.Generator().manual_seed(check_seed(seed))
     x = torch.randn(shape, generator=g).to(device)                  # x_T ~ N(0, I)
+    if x_T is not None:   # drawn anyway, so that the later noise of a stochastic sampler is the same either way
+        if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape or not x_T.is_floating_point():
+            got = f"{tuple(x_T.shape)}" if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+            raise ValueError(f"x_T must be a float tensor of the sample shape {shape}, got {got}")
+        if not torch.isfinite(x_T).all():
+            raise ValueError("x_T (the starting noise) has NaN or infinite values")
+        x = x_T.float().to(device)
     stochastic = method == "ddpm" or eta > 0
     for i, t in enumerate(tqdm(ts, desc=method, disable=not progress)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -410,4 +418,36 @@ def sample(model, schedule, shape, steps=50, method="ddim", eta=0.0, cond=None, 
             x, _ = ddim_step(schedule, pred, t, x, t_prev, prediction, eta, clip_x0, noise)
         else:
             x, _ = ddpm_step(schedule, pred, t, x, t_prev, prediction, variance, clip_x0, noise)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(model, schedule, x0, steps=50, cond=None, guidance=None, prediction="eps", spacing="trailing",
+                null=None, progress=False):
+    """The starting noise x_T from which DDIM with eta = 0 (same steps, cond, guidance) returns to x0: run the
+    deterministic ODE forwards. Visiting the sampler's timesteps upwards, from level s (abar_s = 1 at the clean
+    start) to t:
+
+        pred   = model(x_s, t)              the unknown prediction at x_t, read at x_s instead (small steps: close)
+        eps    = eps from pred, as if x_s were at level t
+        x0_hat = (x_s - sqrt(1 - abar_s) eps) / sqrt(abar_s)
+        x_t    = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps
+
+    the DDIM update (ddim_step) solved for the other end. Nothing is clipped: clipping x0 would not invert.
+    Mokady et al. 2023 and the unCLIP paper (section 3.1) use it to find an image's latent for its variations."""
+    x = x0.float()
+    ts = list(reversed(timesteps(schedule, steps, spacing)))
+    conds = as_conditions(cond)
+    _check_rows(conds, len(x), "ddim_invert")
+    device = x.device
+    conds = {k: v.to(device) for k, v in conds.items()}
+    abar_s = 1.0
+    for t in tqdm(ts, desc="ddim inversion", disable=not progress):
+        pred = guided_prediction(model, x, t, conds, guidance, null)
+        tt = torch.full((len(x),), t, dtype=torch.long, device=device)
+        _, eps = predict_x0_eps(schedule, x, tt, pred, prediction)
+        x0_hat = (x - math.sqrt(1 - abar_s) * eps) / math.sqrt(abar_s)
+        abar_t = schedule.abar(t)
+        x = math.sqrt(abar_t) * x0_hat + math.sqrt(1 - abar_t) * eps
+        abar_s = abar_t
     return x

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import data
-from .diffusion import PREDICTIONS, Schedule, as_conditions, diffusion_loss, sample
+from .diffusion import PREDICTIONS, Schedule, as_conditions, ddim_invert, diffusion_loss, sample
 
 WEIGHTINGS = (None, "min_snr")
 
@@ -106,13 +106,14 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, n, cond=None, guidance=None, steps=SAMPLE_STEPS, method="ddim", eta=None, seed=0,
-                 bf16=True, progress=False, batch_size=500, null=None, clip_x0=None):
+                 bf16=True, progress=False, batch_size=500, null=None, clip_x0=None, x_T=None):
         """n samples (images clamped to [-1, 1]): diffusion.sample with this model's schedule and prediction type,
         in batches of `batch_size`, under bfloat16 autocast (the sampler's arithmetic stays float32).
         cond: a tensor (the condition named "cond") or a dict of named conditions, n rows each; a conditional
         model given none samples its unconditional model. guidance: a CFG scale (nulling `null`, default: the
         conditions this model drops in training) or a callable. eta=None is SAMPLE_ETA for DDIM.
-        clip_x0=None clips the predicted x0 to [-1, 1] for images (C, H, W) only: vectors have no such range."""
+        clip_x0=None clips the predicted x0 to [-1, 1] for images (C, H, W) only: vectors have no such range.
+        x_T: (n, *sample_shape) starting noise instead of the seed's draw (e.g. invert()'s)."""
         if eta is None:
             eta = SAMPLE_ETA if method == "ddim" else 0.0
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -120,17 +121,10 @@ class DiffusionModel(nn.Module):
         seed = data.check_seed(seed)
         is_image = len(self.sample_shape) == 3
         clip_x0 = is_image if clip_x0 is None else clip_x0
-        conds = as_conditions(cond)
-        unknown = sorted(set(conds) - set(self.conditions))
-        if unknown and not self.conditional:
-            raise ValueError("this model is unconditional: leave cond=None")
-        if unknown:
-            raise ValueError(f"this model's conditions are {sorted(self.conditions)}, got {unknown}")
-        if self.conditional and not conds:
-            conds = self._null_conditions(n)   # no condition given: sample the unconditional model
-        missing = sorted(set(self.conditions) - set(conds))
-        if missing:
-            raise ValueError(f"this model also needs the condition(s) {missing} (it takes {sorted(self.conditions)})")
+        conds = self._complete(as_conditions(cond), n)
+        if x_T is not None and (not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != (n, *self.sample_shape)):
+            got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+            raise ValueError(f"x_T must be the starting noise of the {n} samples, {(n, *self.sample_shape)}, got {got}")
         if null is None and isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
             null = tuple(name for name, p in self.conditions.items() if p > 0)   # what training taught it to do without
             if not null and guidance != 1:
@@ -146,10 +140,44 @@ class DiffusionModel(nn.Module):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type in ("cpu", "cuda")):
                 out.append(sample(self, self.schedule, (size, *self.sample_shape), steps, method, eta, part, guidance,
                                   seed + start, clip_x0=clip_x0, prediction=self.prediction, progress=progress,
-                                  null=null).float())
+                                  null=null, x_T=None if x_T is None else x_T[start:start + size]).float())
         self.train(was_training)
         out = torch.cat(out)
         return out.clamp(-1, 1) if is_image else out
+
+    @torch.no_grad()
+    def invert(self, x0, cond=None, guidance=None, steps=SAMPLE_STEPS, null=None, bf16=True, progress=False):
+        """The starting noise x_T from which generate(..., x_T=x_T, eta=0, same cond, guidance, steps) returns to
+        x0 (diffusion.ddim_invert), e.g. a real image's noise for its variations."""
+        if not isinstance(x0, torch.Tensor) or tuple(x0.shape[1:]) != self.sample_shape or len(x0) < 1:
+            got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+            raise ValueError(f"invert expects samples (B, {', '.join(map(str, self.sample_shape))}), got {got}")
+        conds = self._complete(as_conditions(cond), len(x0))
+        if null is None and isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+            null = tuple(name for name, p in self.conditions.items() if p > 0)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type in ("cpu", "cuda")):
+            x_T = ddim_invert(self, self.schedule, x0.float().to(device), steps, conds,
+                              None if guidance in (None, 1) else guidance, self.prediction, null=null,
+                              progress=progress)
+        self.train(was_training)
+        return x_T.float()
+
+    def _complete(self, conds, n):
+        """conds checked against this model's conditions; a conditional model given none: its unconditional model."""
+        unknown = sorted(set(conds) - set(self.conditions))
+        if unknown and not self.conditional:
+            raise ValueError("this model is unconditional: leave cond=None")
+        if unknown:
+            raise ValueError(f"this model's conditions are {sorted(self.conditions)}, got {unknown}")
+        if self.conditional and not conds:
+            conds = self._null_conditions(n)   # no condition given: sample the unconditional model
+        missing = sorted(set(self.conditions) - set(conds))
+        if missing:
+            raise ValueError(f"this model also needs the condition(s) {missing} (it takes {sorted(self.conditions)})")
+        return conds
 
     def _null_conditions(self, n):
         make = getattr(self.net, "null_condition", None)

@@ -269,17 +269,20 @@ class DiffusionPriorNet(nn.Module):
 
 
 class DiffusionPrior(Prior):
-    """The diffusion prior: DiffusionModel(DiffusionPriorNet, (D,), cosine schedule, x0-prediction, the text dropped
-    P_DROP_TEXT of the time), over EmbeddingNorm-ed image embeddings."""
+    """The diffusion prior: DiffusionModel(DiffusionPriorNet, (D,), cosine schedule, x0-prediction (the paper's;
+    prediction="eps" for the comparison), the text dropped P_DROP_TEXT of the time), over EmbeddingNorm-ed image
+    embeddings."""
 
     def __init__(self, embed_dim=64, text_width=128, context_length=24, width=128, layers=4, heads=4,
-                 normalization="standardize", schedule="cosine", T=1000, p_drop_text=P_DROP_TEXT):
+                 normalization="standardize", schedule="cosine", T=1000, p_drop_text=P_DROP_TEXT, prediction="x0"):
         super().__init__(embed_dim, text_width, normalization)
         self.config = dict(embed_dim=embed_dim, text_width=text_width, context_length=context_length, width=width,
                            layers=layers, heads=heads, normalization=normalization, schedule=schedule, T=T,
                            p_drop_text=p_drop_text)
+        if prediction != "x0":   # recorded only off the paper's x0, so that the x0 checkpoints keep their fingerprints
+            self.config["prediction"] = prediction
         net = DiffusionPriorNet(embed_dim, text_width, context_length, width, layers, heads, T)
-        self.diffusion = DiffusionModel(net, (embed_dim,), schedule, T, prediction="x0",
+        self.diffusion = DiffusionModel(net, (embed_dim,), schedule, T, prediction=prediction,
                                         conditions={"text": p_drop_text}, data_key="z")
 
     def embed(self, text, text_embed, seed=0, best_of=BEST_OF, guidance=1.0, steps=SAMPLE_STEPS, eta=0.0):

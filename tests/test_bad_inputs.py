@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle2 import clip, data, decoder, diffusion, guidance, prior, recipes, upsampler, vae
+from minidalle2 import clip, data, decoder, diffusion, guidance, prior, recipes, unclip, upsampler, vae
 from minidalle2.__main__ import main
 from minidalle2.diffusion import Schedule
 from minidalle2.diffusion_model import DiffusionModel
@@ -111,6 +111,11 @@ def decode(embeds=None, captions=None, clip_model=None, **options):
 def tiny_upsampler():
     torch.manual_seed(0)
     return upsampler.Upsampler(widths=(8, 16)).eval()
+
+
+@functools.cache
+def tiny_pipe():
+    return unclip.UnCLIP(tiny_clip(), tiny_prior(), tiny_decoder(), tiny_upsampler())
 
 
 def prior_sample(captions=("a red circle",), clip_model=None, **options):
@@ -409,6 +414,42 @@ BAD_INPUTS = [
     ("upsampler net odd size", lambda: tiny_upsampler().diffusion.net(
         torch.zeros(1, 3, 30, 30), torch.tensor([1]), torch.zeros(1, 3, 30, 30), torch.zeros(1)), ValueError,
      r"fully convolutional and takes square images whose side is a multiple of 4, got \(1, 3, 30, 30\)"),
+    # ------------------------------------------------------------------ chapter 14: the pipeline
+    ("unclip empty caption", lambda: tiny_pipe().generate([""], n=1), ValueError, r"caption 0 is empty"),
+    ("unclip caption too long", lambda: tiny_pipe().generate("a " + "big " * 30 + "circle", n=1), ValueError,
+     r"a caption is too long for the prior's CLIP"),
+    ("unclip unknown word", lambda: tiny_pipe().generate("a red zebra", n=1), ValueError,
+     r"unknown word 'zebra' in caption 'a red zebra'; shapes: circle, square, .*colors: red, "),
+    ("unclip n zero", lambda: tiny_pipe().generate("a red circle", n=0), ValueError,
+     r"n must be a positive number of images per caption, got 0"),
+    ("unclip prior of another CLIP", lambda: unclip.UnCLIP(other_clip(), tiny_prior(), tiny_decoder()), ValueError,
+     r"the prior does not belong to this CLIP \(are the models from different presets\?\)"),
+    ("unclip decoder of another size", lambda: unclip.UnCLIP(tiny_clip(), tiny_prior(), decoder.Decoder(
+        embed_dim=24, text_width=32, widths=(8, 16), attention_levels=(1,))), ValueError,
+     r"the decoder does not belong to this CLIP .*reads a CLIP with embed_dim 24"),
+    ("unclip upsampler of another size", lambda: unclip.UnCLIP(tiny_clip(), tiny_prior(), tiny_decoder(),
+                                                                upsampler.Upsampler(low=16, widths=(8, 16), crop=16)),
+     ValueError, r"the upsampler enlarges 16-px images but the decoder draws 32-px ones"),
+    ("unclip not a prior", lambda: unclip.UnCLIP(tiny_clip(), tiny_decoder(), tiny_decoder()), ValueError,
+     r"prior must be a minidalle2.prior.Prior"),
+    ("unclip variations wrong size", lambda: tiny_pipe().variations(torch.zeros(1, 3, 48, 48)), ValueError,
+     r"images for variations: expected square RGB images of 32x32 or 64x64 pixels, got \(48, 48\)"),
+    ("unclip variations grayscale", lambda: tiny_pipe().variations(torch.zeros(1, 1, 32, 32)), ValueError,
+     r"images for variations must have 3 channels"),
+    ("unclip theta above 1", lambda: tiny_pipe().text_diff(images(), "a red circle", "a blue circle", thetas=[0.5, 1.5]),
+     ValueError, r"theta must be numbers in \[0, 1.0\] .*got \[0.5, 1.5\]"),
+    ("unclip theta negative", lambda: tiny_pipe().text_diff(images(), "a red circle", "a blue circle", thetas=-0.1),
+     ValueError, r"theta must be numbers in \[0, 1.0\]"),
+    ("unclip text diff unknown word", lambda: tiny_pipe().text_diff(images(), "a red circle", "a blue blob"),
+     ValueError, r"unknown word 'blob'"),
+    ("unclip interpolation frames", lambda: tiny_pipe().interpolate(images(), images(), frames=1), ValueError,
+     r"frames must be an int >= 2"),
+    ("unclip slerp shapes", lambda: unclip.slerp(torch.ones(2, 4), torch.ones(3, 4), 0.5), ValueError,
+     r"slerp expects two unit-vector tensors of one shape"),
+    ("evaluate unclip bad split", Cli("evaluate", "unclip", "--split", "train"), CliError,
+     r"^error: unknown split 'train'"),
+    ("claims missing results dir file", Cli("claims", "--results", "/nonexistent/dir", "--no-run"), CliError,
+     r"^error: no results folder at /nonexistent/dir"),
     ("UNet missing context", lambda: UNet(widths=(8, 16), context_dim=8)(torch.zeros(1, 3, 32, 32), torch.tensor([1])),
      ValueError, r"built with context_dim=8 and needs context tokens \(1, L, 8\), got NoneType"),
 ]

@@ -8,6 +8,7 @@ from ..lab.scoreboard import add_row, score
 from .registry import get
 
 PROMPT_SPLITS = ("test", "holdout")   # benchmark prompts come from scenes never trained on
+PIPELINE = "unclip"                    # not a recipe: the chapter-14 pipeline of four of them
 
 
 def _check_request(n, seed, prompts=None):
@@ -21,8 +22,12 @@ def _check_request(n, seed, prompts=None):
 
 def generate(name, preset, n, prompts=None, seed=0):
     """n samples of a registered generator, and its training time (seconds, None if unknown).
-    The name "real" renders the prompts exactly: the ceiling every generator is compared with."""
+    The name "real" renders the prompts exactly: the ceiling every generator is compared with; "unclip" runs the
+    whole pipeline of chapter 14 (64-px images)."""
     _check_request(n, seed, prompts)
+    if name == PIPELINE:
+        from .unclip import generate as pipeline_generate
+        return pipeline_generate(preset, prompts, n, seed), None
     if name == "real":
         scenes = data.scenes_from_prompts(prompts, seed) if prompts is not None else data.sample_scenes(n, "test", seed)
         return data.render(scenes), 0.0
@@ -48,10 +53,13 @@ def _train_seconds(recipe, preset):
 def benchmark(name, preset, n=1000, split="test", seed=0, path=None):
     """Sample n images (prompts = captions of `split`), score, add a row. A recipe with a `report`
     (e.g. reconstruction PSNR of an auto-encoder) adds those numbers too; a recipe that does not
-    generate (a denoiser) gets a row of its report alone."""
+    generate (a denoiser) gets a row of its report alone. "unclip": the whole pipeline (recipes.unclip.benchmark)."""
     _check_request(n, seed)
     if split not in PROMPT_SPLITS:
         raise ValueError(f"unknown split {split!r}: the prompts come from the captions of {' or '.join(PROMPT_SPLITS)}")
+    if name == PIPELINE:
+        from .unclip import benchmark as pipeline_benchmark
+        return pipeline_benchmark(preset, n, split, seed, path)
     recipe = None if name == "real" else get(name)
     from_split = recipe is None or (recipe.sample is not None and recipe.conditional and recipe.prompts is None)
     if split != "test" and not from_split:
