@@ -136,11 +136,12 @@ class UnCLIP:
         return check_captions(captions, self.clip.tokenize)
 
     @torch.no_grad()
-    def generate(self, captions, n=4, seed=0, best_of=BEST_OF, prior_guidance=PRIOR_GUIDANCE,
+    def generate(self, captions, n=4, seed=0, best_of=BEST_OF, prior_guidance=PRIOR_GUIDANCE, prior_steps=None,
                  decoder_guidance=DECODER_GUIDANCE, guide="both", use_captions=True, decoder_steps=DECODER_STEPS,
                  upsample=True, noise_level=UPSAMPLER_NOISE, upsampler_steps=UPSAMPLER_STEPS, return_stages=False):
         """n images per caption, caption by caption: (B * n, 3, 64, 64) in [-1, 1] (32 px if upsample=False or there
-        is no upsampler). use_captions: the decoder also reads the caption (its text pathway), as in the paper."""
+        is no upsampler). use_captions: the decoder also reads the caption (its text pathway), as in the paper.
+        prior_steps: the diffusion prior's DDIM steps (default: its own, prior.SAMPLE_STEPS)."""
         captions = self.check_captions(captions)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of images per caption, got {n!r}")
@@ -151,7 +152,7 @@ class UnCLIP:
         text_embed = self.clip.encode_text(rows).float().cpu()
         seconds["clip"] = time.perf_counter() - start
         start = time.perf_counter()
-        image_embed = self.prior.sample(self.clip, rows, seed=seed, **self._prior_options(best_of, prior_guidance))
+        image_embed = self.prior.sample(self.clip, rows, seed=seed, **self._prior_options(best_of, prior_guidance, prior_steps))
         seconds["prior"] = time.perf_counter() - start
         start = time.perf_counter()
         low = self.decoder.decode(self.clip, image_embed, rows if use_captions and self.decoder.use_text else None,
@@ -166,9 +167,11 @@ class UnCLIP:
             return Stages(rows, text_embed, image_embed, low, images, seconds)
         return images
 
-    def _prior_options(self, best_of, guidance):
+    def _prior_options(self, best_of, guidance, steps):
+        if steps is not None and not isinstance(self.prior, DiffusionPrior):
+            raise ValueError(f"prior_steps is the diffusion prior's; this pipeline's prior is a {type(self.prior).__name__}")
         if isinstance(self.prior, (DiffusionPrior, ARPrior)):
-            return {"best_of": best_of, "guidance": guidance}
+            return {"best_of": best_of, "guidance": guidance, **({"steps": steps} if steps is not None else {})}
         return {}   # the regressor and the "no prior" rows have no knobs
 
     # ------------------------------------------------------------------------- image -> embedding -> images
