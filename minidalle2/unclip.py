@@ -138,26 +138,38 @@ class UnCLIP:
     @torch.no_grad()
     def generate(self, captions, n=4, seed=0, best_of=BEST_OF, prior_guidance=PRIOR_GUIDANCE, prior_steps=None,
                  decoder_guidance=DECODER_GUIDANCE, guide="both", use_captions=True, decoder_steps=DECODER_STEPS,
-                 upsample=True, noise_level=UPSAMPLER_NOISE, upsampler_steps=UPSAMPLER_STEPS, return_stages=False):
+                 upsample=True, noise_level=UPSAMPLER_NOISE, upsampler_steps=UPSAMPLER_STEPS, rerank=1,
+                 return_stages=False):
         """n images per caption, caption by caption: (B * n, 3, 64, 64) in [-1, 1] (32 px if upsample=False or there
         is no upsampler). use_captions: the decoder also reads the caption (its text pathway), as in the paper.
-        prior_steps: the diffusion prior's DDIM steps (default: its own, prior.SAMPLE_STEPS)."""
+        prior_steps: the diffusion prior's DDIM steps (default: its own, prior.SAMPLE_STEPS). rerank=k: draw k
+        candidates (embedding and image) for every image and keep the one whose CLIP image embedding is closest to
+        the caption's text embedding (DALL-E's reranking, by the CLIP the models share; k times the cost)."""
         captions = self.check_captions(captions)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive number of images per caption, got {n!r}")
+        for name, value in (("n", n), ("rerank", rerank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive number of images per caption, got {value!r}")
         seed = data.check_seed(seed)
         rows = [c for c in captions for _ in range(n)]
+        candidates = [c for c in rows for _ in range(rerank)]
         seconds = {}
         start = time.perf_counter()
         text_embed = self.clip.encode_text(rows).float().cpu()
         seconds["clip"] = time.perf_counter() - start
         start = time.perf_counter()
-        image_embed = self.prior.sample(self.clip, rows, seed=seed, **self._prior_options(best_of, prior_guidance, prior_steps))
+        image_embed = self.prior.sample(self.clip, candidates, seed=seed,
+                                        **self._prior_options(best_of, prior_guidance, prior_steps))
         seconds["prior"] = time.perf_counter() - start
         start = time.perf_counter()
-        low = self.decoder.decode(self.clip, image_embed, rows if use_captions and self.decoder.use_text else None,
+        low = self.decoder.decode(self.clip, image_embed, candidates if use_captions and self.decoder.use_text else None,
                                   guidance=decoder_guidance, guide=guide, steps=decoder_steps, seed=seed)
         seconds["decoder"] = time.perf_counter() - start
+        if rerank > 1:
+            start = time.perf_counter()
+            scores = (self.encode_image(low) * text_embed.repeat_interleave(rerank, 0)).sum(-1).view(len(rows), rerank)
+            keep = torch.arange(len(rows)) * rerank + scores.argmax(1)
+            low, image_embed = low[keep], image_embed[keep]
+            seconds["rerank"] = time.perf_counter() - start
         images = low
         if upsample and self.upsampler is not None:
             start = time.perf_counter()

@@ -422,6 +422,11 @@ BAD_INPUTS = [
      r"unknown word 'zebra' in caption 'a red zebra'; shapes: circle, square, .*colors: red, "),
     ("unclip n zero", lambda: tiny_pipe().generate("a red circle", n=0), ValueError,
      r"n must be a positive number of images per caption, got 0"),
+    ("unclip rerank zero", lambda: tiny_pipe().generate("a red circle", n=1, rerank=0), ValueError,
+     r"rerank must be a positive number"),
+    ("unclip prior steps without a diffusion prior", lambda: unclip.UnCLIP(tiny_clip(), prior.TextPrior(16, 32).bind(tiny_clip()),
+                                                                 tiny_decoder()).generate("a red circle", prior_steps=4),
+     ValueError, r"prior_steps is the diffusion prior's; this pipeline's prior is a TextPrior"),
     ("unclip prior of another CLIP", lambda: unclip.UnCLIP(other_clip(), tiny_prior(), tiny_decoder()), ValueError,
      r"the prior does not belong to this CLIP \(are the models from different presets\?\)"),
     ("unclip decoder of another size", lambda: unclip.UnCLIP(tiny_clip(), tiny_prior(), decoder.Decoder(

@@ -197,3 +197,12 @@ def test_the_claims_command_regenerates_the_report_from_results_files(tmp_path, 
     (tmp_path / "unclip_cpu.json").write_text("{not json")
     assert main(["claims", "--preset", "cpu", "--results", str(tmp_path), "--no-run"]) == 2
     assert "unclip_cpu.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_reranking_keeps_the_candidate_clip_scores_highest(pipe):
+    fast = dict(prior_steps=3, decoder_steps=2, upsample=False)
+    kept = pipe.generate(["a red circle"], n=2, rerank=3, seed=1, return_stages=True, **fast)
+    every = pipe.generate(["a red circle"] * 2, n=3, seed=1, return_stages=True, **fast)   # the same 6 candidates
+    scores = (pipe.encode_image(every.low_res) * every.text_embed).sum(-1).view(2, 3)
+    torch.testing.assert_close(kept.low_res, every.low_res.view(2, 3, 3, 32, 32)[torch.arange(2), scores.argmax(1)])
+    assert "rerank" in kept.seconds
