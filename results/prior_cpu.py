@@ -1,7 +1,8 @@
 """Chapter 12's table at the cpu preset: every prior's numbers (recipes.prior.prior_report), the diffusion prior's
 best-of-N and guidance sweeps, and the normalisation comparison. Trains what is not cached (each <= 10 minutes).
 Usage: PYTHONPATH=. python results/prior_cpu.py results/prior_cpu.json [section ...]
-sections: table (default), sweep, norms (each normalisation at the recipe's budget), norms_short (at 600 steps)"""
+sections: table (default), sweep, norms (each normalisation at the recipe's budget), norms_short (at 600 steps),
+prediction (x0- against eps-prediction, both at 600 steps)"""
 import sys
 import time
 
@@ -53,4 +54,9 @@ if "norms_short" in sections:   # the three normalisations at a quarter of the b
     results["normalization_600_steps"] = {
         m: run(d.variant(f"prior_diffusion_{m}_600", model=dict(normalization=m), training={"cpu": dict(steps=600)}))
         for m in ("standardize", "sqrt_d", "unit")}
+if "prediction" in sections:   # the paper predicts z_0 directly; eps beside it, at norms_short's 600 steps
+    d = recipes.get("prior_diffusion")
+    results["prediction_600_steps"] = {
+        p: run(d.variant(f"prior_diffusion_{p}_600", model=dict(prediction=p), training={"cpu": dict(steps=600)}))
+        for p in ("x0", "eps")}
 atomic_write_json(out_path, results)

@@ -174,8 +174,8 @@ def fake_results(tmp_path, diffusion_accuracy):
     """Results files holding exactly the numbers two claims read (a test of the report's logic, not a measurement)."""
     row = lambda acc: {"n": 500, "caption_accuracy": acc, "fid": 5.0, "diversity_per_prompt": 2.0}
     compare = {"prior_diffusion": row(diffusion_accuracy), "prior_none": row(0.40), "prior_mlp": row(0.50),
-               "prior_ar": row(0.55)}
-    (tmp_path / "unclip_cpu.json").write_text(json.dumps({"compare": compare}))
+               "prior_ar": row(0.55), "prior_real": row(0.9)}
+    (tmp_path / "unclip_cpu.json").write_text(json.dumps({"compare": compare, "compare_embedding_only": compare}))
     return tmp_path
 
 

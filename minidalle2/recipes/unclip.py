@@ -5,8 +5,8 @@ the chapter-13 decoder and upsampler, all at one preset, and joins them (unclip.
 scenes never trained on, scored by the oracle:
 - text_to_image_report: caption accuracy on one- and two-object prompts (binding errors and the relation apart),
   per-prompt diversity, and the same on the held-out (shape, colour, size) triples (compositional zero-shot);
-- prior_comparison: the same prompts through other priors (AR, MLP regressor, no prior) and without the decoder's
-  caption;
+- prior_comparison: the same prompts through other priors (AR, MLP regressor, no prior, a real render's embedding),
+  with and without the decoder reading the caption;
 - variations_report, inversion_report, interpolation_report, text_diff_report: the manipulations;
 - speed_report: one caption to four 64-px images, each stage's share.
 """
@@ -26,13 +26,14 @@ from .registry import get
 
 PRIORS = ("prior_diffusion", "prior_ar", "prior_mlp", "prior_none", "prior_real")
 # sizes: prompts per kind (one-, two-object) for the main row and for the comparisons; held-out prompts; prompts x
-# images of the per-prompt diversity; images x copies of the variations; paths x frames; text-diff pairs
-EVAL = {"smoke": dict(prompts=4, compare=4, holdout=4, spread=(2, 2), variations=(4, 2), paths=(2, 3), edits=4,
-                      thetas=(0.0, 0.5), speed_repeats=1),
-        "cpu": dict(prompts=500, compare=250, holdout=250, spread=(100, 4), variations=(100, 4), paths=(100, 9),
-                    edits=201, thetas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), speed_repeats=3),
-        "full": dict(prompts=1000, compare=500, holdout=500, spread=(200, 4), variations=(200, 4), paths=(100, 9),
-                     edits=402, thetas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), speed_repeats=3)}
+# images of the per-prompt diversity; prompts per kind of the guidance and reranking sweeps; images x copies of the
+# variations; paths x frames; text-diff pairs
+EVAL = {"smoke": dict(prompts=4, compare=4, holdout=4, tune=2, spread=(2, 2), variations=(4, 2), paths=(2, 3),
+                      edits=4, thetas=(0.0, 0.5), speed_repeats=1),
+        "cpu": dict(prompts=500, compare=250, holdout=250, tune=100, spread=(100, 4), variations=(100, 4),
+                    paths=(100, 9), edits=201, thetas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), speed_repeats=3),
+        "full": dict(prompts=1000, compare=500, holdout=500, tune=200, spread=(200, 4), variations=(200, 4),
+                     paths=(100, 9), edits=402, thetas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), speed_repeats=3)}
 SPEED_CAPTION = "a big red circle above a small blue square"
 ATTRIBUTES = ("shape", "color", "size", "position")
 
@@ -103,17 +104,15 @@ def text_to_image_report(pipe, preset, seed=5000, **options):
     return out
 
 
-def prior_comparison(preset, seed=5100, cache=None):
-    """The same prompts (EVAL's `compare` per kind) through the pipeline with each prior, and with the decoder not
-    reading the caption; every row at the decoder's resolution (no upsampler: the upsampler is the same for all)."""
+def prior_comparison(preset, seed=5100, cache=None, use_captions=True):
+    """The same prompts (EVAL's `compare` per kind) through the pipeline with each prior, the decoder reading the
+    caption too (use_captions) or the embedding alone; every row at the decoder's resolution (no upsampler: it is the
+    same for all)."""
     sizes, oracle, rows = EVAL[preset], load_oracle(), {}
     n, spread = sizes["compare"], (sizes["spread"][0] // 2, sizes["spread"][1])
     for prior in PRIORS:
         pipe = load_unclip(preset, prior=prior, upsampler=None, cache=cache)
-        rows[prior] = pipeline_scores(pipe, n, seed, spread, oracle)
-        if prior == "prior_diffusion":
-            rows["prior_diffusion, decoder without caption"] = pipeline_scores(pipe, n, seed, spread, oracle,
-                                                                               use_captions=False)
+        rows[prior] = pipeline_scores(pipe, n, seed, spread, oracle, use_captions=use_captions)
     return rows
 
 
@@ -142,8 +141,9 @@ def test_images(n, seed):
 
 @torch.no_grad()
 def variations_report(pipe, preset, seed=5200, eta=None):
-    """Variations of test images, with fresh noise and from their inverted noise: how often each attribute is kept
-    (every object's), validity, and the per-image diversity of the copies (0: all copies identical)."""
+    """Variations of test images (half one-object, half two-object), with fresh noise and from their inverted noise:
+    how often each attribute is kept (every object's), validity, both for each kind apart, and the per-image
+    diversity of the copies (0: all copies identical)."""
     k, m = EVAL[preset]["variations"]
     images, scenes = test_images(k, seed)
     oracle, out = load_oracle(), {"images": len(images), "copies": m}
@@ -157,6 +157,12 @@ def variations_report(pipe, preset, seed=5200, eta=None):
         row["kept_shape_and_color"] = _share(kept[reading.valid])
         row["kept_shape_and_color_of_all"] = _share(kept & reading.valid)
         row["validity"] = reading.valid.float().mean().item()
+        half = len(source) // 2                                   # one-object sources first (test_images)
+        for kind, part in (("one", slice(0, half)), ("two", slice(half, None))):
+            row[f"kept_shape_and_color_of_all_{kind}"] = _share((kept & reading.valid)[part])
+            row[f"kept_position_{kind}"] = _share(same_objects(source[part], reading.objects[part], ("position",))
+                                                  [reading.valid[part]])
+            row[f"validity_{kind}"] = _share(reading.valid[part])
         row["diversity_per_image"] = metrics.mean_pairwise_distance(reading.features,
                                                                     torch.arange(len(images)).repeat_interleave(m))
         row["pixel_distance_between_copies"] = (varied.view(len(images), m, -1)[:, 1:]
@@ -301,7 +307,8 @@ def benchmark(preset, n=1000, split="test", seed=0, path=None):
 
 # ----------------------------------------------------------------------------- the chapter's measurements, by section
 
-SECTIONS = ("table", "compare", "guidance", "variations", "inversion", "interpolation", "text_diff", "speed")
+SECTIONS = ("table", "compare", "compare_embedding_only", "guidance", "rerank", "variations", "inversion", "interpolation", "text_diff", "speed")
+RERANK = (2, 4, 8)    # candidates per image; the guidance section's scale-2 row is the one-candidate baseline
 
 
 def measure(preset, path, sections=SECTIONS, scoreboard=None):
@@ -324,15 +331,20 @@ def measure(preset, path, sections=SECTIONS, scoreboard=None):
         start, load = time.perf_counter(), os.getloadavg()[0]
         if section == "compare":
             results["compare"] = prior_comparison(preset)
+        elif section == "compare_embedding_only":   # the decoder given no caption: it must read the embedding
+            results["compare_embedding_only"] = prior_comparison(preset, use_captions=False)
         else:
             pipe = pipe or load_unclip(preset)
             if section == "table":
                 results["table"] = text_to_image_report(pipe, preset)
                 results["scoreboard_row"] = benchmark(preset, path=scoreboard)
             elif section == "guidance":   # the decoder's scale inside the pipeline (the caption read)
-                n = max(EVAL[preset]["compare"] // 2, 1)
+                n = EVAL[preset]["tune"]
                 results["guidance"] = {str(w): pipeline_scores(pipe, n, 5600, decoder_guidance=w, upsample=False)
                                        for w in (1.0, 2.0, 3.0, 4.0)}
+            elif section == "rerank":     # CLIP reranking on the guidance section's prompts and seeds
+                n = EVAL[preset]["tune"]
+                results["rerank"] = {str(k): pipeline_scores(pipe, n, 5600, upsample=False, rerank=k) for k in RERANK}
             elif section == "variations":   # eta 1 beside the default for the inverted noise
                 results["variations"] = variations_report(pipe, preset)
                 results["variations_eta_1"] = variations_report(pipe, preset, eta=1.0)["inverted"]
