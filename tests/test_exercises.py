@@ -156,6 +156,20 @@ def test_through_last_check_ends_at_the_last_check_cell():
     assert len(exercises.through_last_check(plain).cells) == 1
 
 
+def test_written_answers_are_replaced_in_the_student_version():
+    nb = make_notebook()
+    written = nbformat.v4.new_markdown_cell("**Question.** Why?\n\n*A model answer.* Because.")
+    written.metadata.update(exercises.answer_metadata("ex_why", points=2))
+    nb.cells.append(written)
+    assert exercises.problems(nb) == [] and exercises.is_answer_cell(written)
+    student = exercises.student_version(nb)
+    assert student.cells[-1].source == exercises.ANSWER_STUB and "Because" in nb.cells[-1].source
+    written.metadata["nbgrader"]["points"] = 0
+    assert any("written answer" in p for p in exercises.problems(nb))
+    written.metadata.update(exercises.answer_metadata("ex_square"))       # a grade_id the exercise already uses
+    assert any("used twice" in p for p in exercises.problems(nb))
+
+
 # ============================================================================= chapter 13 (the unCLIP decoder): checks
 # Each check accepts the library's answer and a student-style one, and rejects the usual wrong answers with a message
 # that names the mistake.
@@ -328,3 +342,164 @@ def test_decoder_cfg_decoding_check_samples_with_the_students_guidance(bound_dec
         decoder_checks.cfg_decoding(_cfg(lambda c, u, w: c + w * (c - u)), model, clip, embeds, score, 3.0, steps=3)
     with pytest.raises(NotImplementedError):
         decoder_checks.cfg_decoding(_not_written, model, clip, embeds, score, 3.0, steps=3)
+
+
+# ============================================================================= chapter 14 (the unCLIP pipeline): checks
+
+from minidalle2 import data as data_module, prior as prior_module, unclip  # noqa: E402
+from minidalle2.course.checks import unclip as unclip_checks  # noqa: E402
+
+
+def _fractions(a, s):
+    s = torch.as_tensor(s, dtype=a.dtype)
+    return s.view(-1, *[1] * a.ndim) if s.ndim == 1 else s
+
+
+def _slerp(guard=True, clamp=True, normalise_chord=False, chord=False, swap=False, fractions_last=False):
+    """A student-style slerp, with the knobs of the usual mistakes."""
+    def slerp(a, b, s):
+        if swap:
+            a, b = b, a
+        s = _fractions(a, s)
+        if chord or normalise_chord:
+            line = (1 - s) * a + s * b
+            return F.normalize(line, dim=-1) if normalise_chord else line
+        cos = (a * b).sum(-1, keepdim=True)
+        omega = torch.arccos(cos.clamp(-1, 1) if clamp else cos)
+        sin = torch.sin(omega)
+        small = sin.abs() < 1e-6 if guard else torch.zeros_like(sin, dtype=torch.bool)
+        sin = torch.where(small, torch.ones_like(sin), sin)
+        out = torch.where(small, (1 - s) * a + s * b, (torch.sin((1 - s) * omega) * a + torch.sin(s * omega) * b) / sin)
+        return out.transpose(0, 1) if fractions_last and out.ndim == 3 else out
+    return slerp
+
+
+def _slerp_scalar_only(a, b, s):                    # no reshape of a 1-D s: broadcasting fails
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1, 1))
+    return (torch.sin((1 - s) * omega) * a + torch.sin(s * omega) * b) / torch.sin(omega)
+
+
+def _slerp_in_place(a, b, s):
+    a /= a.norm(dim=-1, keepdim=True)
+    return unclip.slerp(a, b, s)
+
+
+def test_unclip_slerp_check_accepts_the_library_and_a_student_version(capsys):
+    unclip_checks.slerp(unclip.slerp)
+    unclip_checks.slerp(_slerp())
+    assert capsys.readouterr().out.count("slerp: correct") == 2
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_slerp(normalise_chord=True), "lerp, then normalised"),
+    (_slerp(normalise_chord=True), "not equal-angle"),
+    (_slerp(chord=True), "straight line (lerp)"),
+    (_slerp(swap=True), "your path runs from b to a"),
+    (_slerp(guard=False), "(nearly) parallel"),
+    (_slerp(guard=False, clamp=False), "NaN or inf"),
+    (_slerp(fractions_last=True), "the fractions' axis comes first"),
+    (_slerp_scalar_only, "reshape s to (K, 1, ..., 1)"),
+    (_slerp_in_place, "do not modify a, b or s in place"),
+])
+def test_unclip_slerp_check_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        unclip_checks.slerp(wrong)
+
+
+def _invert_step(x0_level="s", sqrt=True, noise=True, estimate_x0=True, swap=False, own_noise=False):
+    """A student-style ddim_invert_step, with the knobs of the usual mistakes."""
+    def ddim_invert_step(x_s, eps, abar_s, abar_t):
+        if swap:
+            abar_s, abar_t = abar_t, abar_s
+        if own_noise:
+            eps = torch.randn_like(eps)
+        root = (lambda v: v ** 0.5) if sqrt else (lambda v: v)
+        level = abar_s if x0_level == "s" else abar_t
+        x0 = (x_s - (1 - level) ** 0.5 * eps) / abar_s ** 0.5 if estimate_x0 else x_s
+        return root(abar_t) * x0 + (root(1 - abar_t) * eps if noise else 0)
+    return ddim_invert_step
+
+
+def test_unclip_invert_step_check_accepts_a_student_version(capsys):
+    unclip_checks.ddim_invert_step(_invert_step())
+    assert "ddim_invert_step: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_invert_step(swap=True), "DDIM sampling step"),
+    (_invert_step(x0_level="t"), "with abar_s, not abar_t"),
+    (_invert_step(sqrt=False), "scale x0_hat by its square root"),
+    (_invert_step(estimate_x0=False), "x_s is not the clean image"),
+    (_invert_step(own_noise=True), "use the eps given"),
+])
+def test_unclip_invert_step_check_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        unclip_checks.ddim_invert_step(wrong)
+
+
+def _text_diff(direction=lambda t_from, t_to: F.normalize(t_to - t_from, dim=-1), path=None, transpose=False):
+    """A student-style text_diff_embeddings: a direction from the two text embeddings, then a path towards it."""
+    path = path or _slerp()
+
+    def text_diff_embeddings(z_image, t_from, t_to, thetas):
+        out = path(z_image, direction(t_from, t_to), thetas)
+        return out.transpose(0, 1) if transpose else out
+    return text_diff_embeddings
+
+
+def test_unclip_text_diff_check_accepts_the_library_and_a_student_version(capsys):
+    unclip_checks.text_diff_embeddings(lambda z, a, b, th: unclip.slerp(z, unclip.text_diff_direction(a, b), th))
+    unclip_checks.text_diff_embeddings(_text_diff())
+    assert capsys.readouterr().out.count("text_diff_embeddings: correct") == 2
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_text_diff(direction=lambda a, b: b - a), "not normalised"),
+    (_text_diff(direction=lambda a, b: F.normalize(a - b, dim=-1)), "the sign is wrong"),
+    (_text_diff(direction=lambda a, b: F.normalize(b - a, dim=0)), "dim=-1"),
+    (_text_diff(direction=lambda a, b: b), "the target caption's embedding itself"),
+    (_text_diff(path=_slerp(normalise_chord=True)), "lerp, then normalised"),
+    (_text_diff(path=_slerp(chord=True)), "straight line (lerp)"),
+    (_text_diff(path=_slerp(swap=True)), "theta = 0 must give the image's own embedding"),
+    (_text_diff(transpose=True), "you returned (B, K, D)"),
+])
+def test_unclip_text_diff_check_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        unclip_checks.text_diff_embeddings(wrong)
+
+
+def test_unclip_checks_say_when_nothing_is_written():
+    for check in (unclip_checks.slerp, unclip_checks.ddim_invert_step, unclip_checks.text_diff_embeddings):
+        with pytest.raises(NotImplementedError, match="not written yet"):
+            check(_not_written)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_clip):
+    """An untrained pipeline bound to tests/conftest.py's tiny CLIP (its decoder's zero convolutions made live)."""
+    torch.manual_seed(0)
+    p = prior_module.DiffusionPrior(embed_dim=32, text_width=32, width=16, layers=1).bind(tiny_clip).eval()
+    d = Decoder(embed_dim=32, text_width=32, widths=(16, 32), attention_levels=(1,)).bind(tiny_clip).eval()
+    decoder_checks.randomize_zero_layers(d, std=0.05)
+    return unclip.UnCLIP(tiny_clip, p, d)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unclip_text_diff_edit_check_decodes_the_students_embeddings(tiny_pipe, capsys):
+    images = data_module.render(data_module.sample_scenes(2, "test", seed=0, num_objects=1))
+    sources, targets = ["a red circle", "a small blue square"], ["a blue circle", "a small green square"]
+    scored = []
+
+    def score(edited):
+        scored.append(tuple(edited.shape))
+        return [edited[:, k].mean().item() for k in range(edited.shape[1])]
+
+    unclip_checks.text_diff_edit(_text_diff(), tiny_pipe, images, sources, targets, torch.tensor([0.0, 0.5]), score)
+    assert scored == [(2, 2, 3, 32, 32)] * 2                     # the student's edits and the library's
+    out = capsys.readouterr().out
+    assert "correct" in out and "with your embeddings" in out and "pipe.text_diff" in out
+    with pytest.raises(CheckFailed, match="make the check of the exercise above pass first"):
+        unclip_checks.text_diff_edit(_text_diff(direction=lambda a, b: b - a), tiny_pipe, images, sources, targets,
+                                     torch.tensor([0.0, 0.5]), score)
+    with pytest.raises(NotImplementedError):
+        unclip_checks.text_diff_edit(_not_written, tiny_pipe, images, sources, targets, torch.tensor([0.5]), score)

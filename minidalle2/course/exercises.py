@@ -9,7 +9,10 @@ The format is nbgrader's, so a class that uses nbgrader needs nothing new:
 - an exercise cell holds the student's code between `### BEGIN SOLUTION` and `### END SOLUTION`
   and carries nbgrader metadata {"solution": true, "grade": false, "grade_id": ...};
 - the code cell right after it is its check: it calls a minidalle2.checks function on what the
-  student wrote, and carries {"grade": true, "locked": true, "points": ...}.
+  student wrote, and carries {"grade": true, "locked": true, "points": ...};
+- a written answer (a short question the teacher grades by hand) is a markdown cell with
+  {"solution": true, "grade": true, "points": ...}: it holds a model answer, which the student
+  version replaces by nbgrader's "YOUR ANSWER HERE", as nbgrader does.
 
 A student version replaces each solution block by `# YOUR CODE HERE` + `raise NotImplementedError()`
 (nbgrader's stub), keeping the indentation, and drops all outputs. So the generated notebook
@@ -25,6 +28,7 @@ import nbformat
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
+ANSWER_STUB = "YOUR ANSWER HERE"   # nbgrader's stub of a written answer
 _MARKER = re.compile(r"^(\s*)(### (?:BEGIN|END) SOLUTION)\s*$")
 
 
@@ -42,6 +46,17 @@ def check_metadata(grade_id, points=1):
     """nbgrader metadata of the check cell after an exercise (autograded, read-only)."""
     return {"nbgrader": {"grade": True, "grade_id": grade_id, "locked": True, "points": points,
                          "schema_version": 3, "solution": False, "task": False}}
+
+
+def answer_metadata(grade_id, points=1):
+    """nbgrader metadata of a written answer: a markdown cell the teacher grades by hand (nbgrader's "manually graded
+    answer"). The solution notebook holds a model answer there; the student version replaces it by ANSWER_STUB."""
+    return {"nbgrader": {"grade": True, "grade_id": grade_id, "locked": False, "points": points, "schema_version": 3,
+                         "solution": True, "task": False}}
+
+
+def is_answer_cell(cell):
+    return cell.cell_type == "markdown" and cell.metadata.get("nbgrader", {}).get("solution", False)
 
 
 def is_solution_cell(cell):
@@ -90,7 +105,10 @@ def problems(nb, name="notebook"):
                 found.append(f"{where} is a solution cell without {BEGIN} / {END}")
             if i + 1 >= len(nb.cells) or not is_check_cell(nb.cells[i + 1]):
                 found.append(f"{where} (exercise) is not followed by a check cell")
-        if is_solution_cell(cell) or is_check_cell(cell):
+        if is_answer_cell(cell) and not (cell.metadata["nbgrader"].get("grade") and
+                                         cell.metadata["nbgrader"].get("points")):
+            found.append(f"{where} (a written answer) needs nbgrader grade: true and its points")
+        if is_solution_cell(cell) or is_check_cell(cell) or is_answer_cell(cell):
             grade_id = cell.metadata["nbgrader"].get("grade_id")
             if not grade_id or grade_id in ids:
                 found.append(f"{where}: grade_id {grade_id!r} is missing or used twice")
@@ -103,7 +121,7 @@ def exercise_count(nb):
 
 
 def student_version(nb, name="notebook"):
-    """A copy of `nb` with every solution replaced by the stub and no outputs."""
+    """A copy of `nb` with every solution replaced by the stub, every written answer by ANSWER_STUB, and no outputs."""
     issues = problems(nb, name)
     if issues:
         raise ExerciseFormatError("; ".join(issues))
@@ -111,6 +129,8 @@ def student_version(nb, name="notebook"):
     for i, cell in enumerate(nb.cells):
         if is_solution_cell(cell):
             cell.source = strip_solution(cell.source, f"{name}: cell {i}")
+        if is_answer_cell(cell):
+            cell.source = ANSWER_STUB
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     return nb
