@@ -13,8 +13,7 @@ _notebook_seconds = {}
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and report.passed and ("::test_notebook_runs" in report.nodeid
-                                                   or "::test_student_version" in report.nodeid):
+    if report.when == "call" and report.passed and report.nodeid.startswith("tests/test_notebooks.py::"):
         _notebook_seconds[report.nodeid] = report.duration
 
 

@@ -38,6 +38,14 @@ SPEED_CAPTION = "a big red circle above a small blue square"
 ATTRIBUTES = ("shape", "color", "size", "position")
 
 
+def eval_sizes(preset, sizes=None):
+    """EVAL[preset] with some sizes replaced, e.g. a notebook's smaller run: eval_sizes("cpu", {"paths": (20, 9)})."""
+    unknown = sorted(set(sizes or {}) - set(EVAL[preset]))
+    if unknown:
+        raise ValueError(f"unknown measurement size(s) {unknown}; the sizes are {', '.join(EVAL[preset])}")
+    return {**EVAL[preset], **(sizes or {})}
+
+
 def load_unclip(preset=None, prior="prior_diffusion", decoder="decoder", upsampler="upsampler", cache=None):
     """UnCLIP of the zoo's models at one preset (each loaded, or trained if not cached); the CLIP is the decoder's."""
     if prior not in PRIORS:
@@ -91,10 +99,10 @@ def pipeline_scores(pipe, n, seed, spread=None, oracle=None, **options):
 
 
 @torch.no_grad()
-def text_to_image_report(pipe, preset, seed=5000, **options):
+def text_to_image_report(pipe, preset, seed=5000, sizes=None, **options):
     """The chapter's main row: test prompts (caption accuracy, split, binding, relation, diversity), and the held-out
     triples (holdout split) beside them."""
-    sizes, oracle = EVAL[preset], load_oracle()
+    sizes, oracle = eval_sizes(preset, sizes), load_oracle()
     out = pipeline_scores(pipe, sizes["prompts"], seed, sizes["spread"], oracle, **options)
     held = data.sample_scenes(sizes["holdout"], "holdout", seed=seed + 7, num_objects=1)
     seen = data.sample_scenes(sizes["holdout"], "test", seed=seed + 7, num_objects=1)
@@ -140,11 +148,11 @@ def test_images(n, seed):
 
 
 @torch.no_grad()
-def variations_report(pipe, preset, seed=5200, eta=None):
+def variations_report(pipe, preset, seed=5200, eta=None, sizes=None):
     """Variations of test images (half one-object, half two-object), with fresh noise and from their inverted noise:
     how often each attribute is kept (every object's), validity, both for each kind apart, and the per-image
     diversity of the copies (0: all copies identical)."""
-    k, m = EVAL[preset]["variations"]
+    k, m = eval_sizes(preset, sizes)["variations"]
     images, scenes = test_images(k, seed)
     oracle, out = load_oracle(), {"images": len(images), "copies": m}
     for mode, invert in (("fresh", False), ("inverted", True)):
@@ -172,10 +180,10 @@ def variations_report(pipe, preset, seed=5200, eta=None):
 
 
 @torch.no_grad()
-def inversion_report(pipe, preset, seed=5300):
+def inversion_report(pipe, preset, seed=5300, sizes=None):
     """DDIM inversion of the decoder: PSNR of decoding each test image's embedding from its inverted noise (eta = 0),
     beside decoding it from random noise; at the decoder's resolution."""
-    k, _ = EVAL[preset]["variations"]
+    k, _ = eval_sizes(preset, sizes)["variations"]
     images, _ = test_images(k, seed)
     z = pipe.encode_image(images)
     x_T = pipe.invert(images)
@@ -187,11 +195,11 @@ def inversion_report(pipe, preset, seed=5300):
 
 
 @torch.no_grad()
-def interpolation_report(pipe, preset, seed=5400):
+def interpolation_report(pipe, preset, seed=5400, sizes=None):
     """Paths between pairs of one-object test images: the share of valid frames (the interior ones, and all), and
     for each attribute that differs between the ends, where along the path (0..1) the oracle first reads the far
-    end's value and keeps it."""
-    paths, frames = EVAL[preset]["paths"]
+    end's value for good (no later valid frame reads the near end's)."""
+    paths, frames = eval_sizes(preset, sizes)["paths"]
     a = data.sample_scenes(paths, "test", seed=seed, num_objects=1)
     b = data.sample_scenes(paths, "test", seed=seed + 1, num_objects=1)
     strips = pipe.interpolate(data.render(a), data.render(b), frames=frames, seed=seed)       # (P, F, 3, R, R)
@@ -206,9 +214,10 @@ def interpolation_report(pipe, preset, seed=5400):
         differ = a.objects[:, 0, i] != b.objects[:, 0, i]
         flips = []
         for p in differ.nonzero().flatten().tolist():
+            at_a = (objects[p, :, i] == a.objects[p, 0, i]) & valid[p]
             at_b = (objects[p, :, i] == b.objects[p, 0, i]) & valid[p]
-            # the first frame from which on the oracle reads b's value
-            later = [f for f in range(frames) if at_b[f:].all()]
+            # the first frame that reads b's value with no valid frame after it reading a's (invalid frames skipped)
+            later = [f for f in range(frames) if at_b[f] and not at_a[f:].any()]
             if later:
                 flips.append(later[0] / (frames - 1))
         out[f"flip_{name}"] = sum(flips) / len(flips) if flips else None
@@ -236,10 +245,11 @@ def edit_pairs(n, seed):
 
 
 @torch.no_grad()
-def text_diff_report(pipe, preset, seed=5500, invert=True):
+def text_diff_report(pipe, preset, seed=5500, invert=True, sizes=None):
     """Text diffs on one-object test images, one attribute changed by caption: for each theta, the share of edits the
     oracle reads with the target value (success), with the other attributes kept, and both (a clean edit)."""
-    n, thetas = EVAL[preset]["edits"], EVAL[preset]["thetas"]
+    sizes = eval_sizes(preset, sizes)
+    n, thetas = sizes["edits"], sizes["thetas"]
     scenes, sources, targets, kinds, values = edit_pairs(n, seed)
     sources = [f"a {s}" for s in sources]
     targets = [f"a {t}" for t in targets]
