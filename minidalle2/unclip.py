@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .clip import encode_images
 from .decoder import Decoder, check_embeddings
 from .prior import ARPrior, DiffusionPrior, Prior, check_captions
 from .upsampler import Upsampler
@@ -202,9 +203,7 @@ class UnCLIP:
 
     def encode_image(self, images, who="images"):
         """(B, D) CLIP image embeddings of images at the decoder's (or the pipeline's output) resolution."""
-        low = self._low_res(images, who)
-        return torch.cat([self.clip.encode_image(low[i:i + 500].to(self.clip.device)).float().cpu()
-                          for i in range(0, len(low), 500)])
+        return encode_images(self.clip, self._low_res(images, who))
 
     def _finish(self, low, upsample, seed):
         if upsample and self.upsampler is not None:
@@ -234,7 +233,7 @@ class UnCLIP:
             raise ValueError(f"n must be a positive number of variations per image, got {n!r}")
         low = self._low_res(images, "images for variations")
         z = self.encode_image(low).repeat_interleave(n, 0)
-        x_T = self.invert(low, guidance).repeat_interleave(n, 0) if invert else None
+        x_T = self.decoder.invert(self.clip, low, z[::n], guidance=guidance).repeat_interleave(n, 0) if invert else None
         eta = (VARIATION_ETA if invert else 0.0) if eta is None else eta
         # one draw for the whole batch: the copies of an image get different noise (fresh, or the sampler's with eta)
         return self.decode_embeddings(z, seed=seed, guidance=guidance, eta=eta, upsample=upsample, x_T=x_T)
@@ -271,9 +270,10 @@ class UnCLIP:
         self.check_captions(sources + targets)
         direction = text_diff_direction(self.clip.encode_text(sources).float().cpu(),
                                         self.clip.encode_text(targets).float().cpu())
-        z = slerp(self.encode_image(low), direction, thetas)                       # (K, B, D)
-        if invert:
-            x_T = self.invert(low, guidance).repeat(len(thetas), 1, 1, 1)
+        z_image = self.encode_image(low)
+        z = slerp(z_image, direction, thetas)                                      # (K, B, D)
+        if invert:   # the image's own noise, from the embedding already at hand
+            x_T = self.decoder.invert(self.clip, low, z_image, guidance=guidance).repeat(len(thetas), 1, 1, 1)
         else:
             g = torch.Generator().manual_seed(data.check_seed(seed))
             x_T = torch.randn(B, *low.shape[1:], generator=g).repeat(len(thetas), 1, 1, 1)
